@@ -1,0 +1,254 @@
+"""`sferd-spec`: validate, compile, plan and render experiment specs (DESIGN.md "What a user types").
+
+Exit codes: 0 ok; 1 the tool ran and found problems (invalid spec, stale generated files); 2 usage errors
+(Click). User errors print `file:line:col: error: loc: message` lines, never a traceback. This module and
+everything it imports at top level stay free of torch/torch-fidelity/dvc: `validate` must answer in well
+under half a second.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+import sferd
+
+app = typer.Typer(
+    name="sferd-spec",
+    help="Validate, compile, plan and render sferd experiment specs.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=True,
+)
+
+SPECS_DIR = Path("specs")
+SCHEMA_PATH = SPECS_DIR / "spec.schema.json"
+
+
+def _err(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"sferd-spec {sferd.__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Specs in specs/*.yaml are the experiments; dvc.yaml/params.yaml are compiled from them."""
+
+
+def _load_all(paths: list[Path]):
+    """Load every spec; print all problems and exit 1 if any is invalid."""
+    from sferd.spec import SpecError, load_spec
+
+    specs, issues = [], []
+    for p in paths:
+        try:
+            specs.append((p, load_spec(p, display_path=p.as_posix())))
+        except SpecError as e:
+            issues.extend(e.issues)
+    if issues:
+        for i in sorted(issues):
+            _err(i.format())
+        _err(f"{len(issues)} error{'s' if len(issues) != 1 else ''}")
+        raise typer.Exit(1)
+    return specs
+
+
+def _graph(spec, path: Path):
+    from sferd.pipeline.graph import build_graph
+
+    return build_graph(spec, spec_path=path.as_posix())
+
+
+def _human(n: float) -> str:
+    for unit in ("", "k", "M", "G", "T", "P"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000.0
+    return f"{n:.3g}E"
+
+
+@app.command()
+def validate(
+    specs: List[Path] = typer.Argument(..., help="Spec files to check.", exists=False),
+    format: str = typer.Option("text", "--format", help="Output format: text or json."),
+) -> None:
+    """Check specs before any compute; print a short summary or located errors.
+
+    Examples:
+      sferd-spec validate specs/quickstart.yaml
+      sferd-spec validate specs/*.yaml --format json
+    """
+    if format not in ("text", "json"):
+        raise typer.BadParameter("must be text or json", param_hint="--format")
+    from sferd.spec import SpecError, load_spec
+
+    results, issues = [], []
+    for p in specs:
+        try:
+            spec = load_spec(p, display_path=p.as_posix())
+        except SpecError as e:
+            issues.extend(e.issues)
+            results.append({"spec": p.as_posix(), "valid": False, "errors": [i.format() for i in e.issues]})
+            continue
+        stages = _graph(spec, p)
+        cost = sum(s.cost.get("forward_passes", 0.0) for s in stages)
+        results.append(
+            {"spec": p.as_posix(), "valid": True, "name": spec.name, "dataset": spec.dataset.id,
+             "stages": len(stages), "methods": [m.name for m in spec.methods],
+             "student_steps": spec.evaluation.student_steps, "forward_passes": cost}
+        )
+    if format == "json":
+        print(json.dumps(results, indent=2))
+    else:
+        for i in sorted(issues):
+            _err(i.format())
+        if issues:
+            _err(f"{len(issues)} error{'s' if len(issues) != 1 else ''}")
+        for r in results:
+            if r["valid"]:
+                print(
+                    f"{r['spec']}: ok — {r['name']} on {r['dataset']}: {r['stages']} stages, methods "
+                    f"{', '.join(r['methods'])}, students at {', '.join(map(str, r['student_steps']))} steps "
+                    f"(NFE = steps), ~{_human(r['forward_passes'])} image forward passes"
+                )
+    if issues:
+        raise typer.Exit(1)
+
+
+def _default_specs() -> list[Path]:
+    return sorted(p for p in SPECS_DIR.glob("*.yaml"))
+
+
+def _compiled_files(specs) -> dict[str, str]:
+    """Every generated file (path → text) for these specs, pipelines merged by folder."""
+    from sferd.pipeline.dvcfile import CompileError, pipeline_files
+    from sferd.spec.models import Spec
+
+    by_pipeline: dict[str, dict[str, object]] = {}
+    owner: dict[tuple[str, str], str] = {}
+    for path, spec in specs:
+        bucket = by_pipeline.setdefault(spec.pipeline, {})
+        for st in _graph(spec, path):
+            if st.name in bucket:
+                if bucket[st.name] != st:
+                    _err(
+                        f"{path.as_posix()}: error: stage {st.name} is also defined by "
+                        f"{owner[(spec.pipeline, st.name)]} with different parameters"
+                    )
+                    raise typer.Exit(1)
+                continue
+            bucket[st.name] = st
+            owner[(spec.pipeline, st.name)] = path.as_posix()
+    files: dict[str, str] = {}
+    for pipeline, stages in by_pipeline.items():
+        try:
+            files.update(pipeline_files(list(stages.values()), pipeline=pipeline, root="."))
+        except CompileError as e:
+            _err(f"error: pipeline {pipeline}: {e}")
+            raise typer.Exit(1)
+    files[SCHEMA_PATH.as_posix()] = json.dumps(Spec.model_json_schema(), indent=2, sort_keys=True) + "\n"
+    return files
+
+
+@app.command("compile")
+def compile_(
+    specs: Optional[List[Path]] = typer.Argument(None, help="Specs to compile (default: specs/*.yaml)."),
+    check: bool = typer.Option(False, "--check", help="Write nothing; exit 1 with a diff if files are stale."),
+) -> None:
+    """Write the DVC pipeline(s), resolved params and the spec JSON Schema.
+
+    Examples:
+      sferd-spec compile                       # every spec in specs/
+      sferd-spec compile specs/quickstart.yaml
+      sferd-spec compile --check               # CI: are committed files up to date?
+    """
+    if not Path("sferd").is_dir():
+        _err("error: run sferd-spec compile from the repository root (the folder holding sferd/ and specs/)")
+        raise typer.Exit(1)
+    paths = list(specs) if specs else _default_specs()
+    files = _compiled_files(_load_all(paths))
+    stale = []
+    for rel, text in sorted(files.items()):
+        p = Path(rel)
+        old = p.read_text(encoding="utf-8") if p.is_file() else ""
+        if old == text:
+            continue
+        stale.append(rel)
+        if check:
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), text.splitlines(True), f"a/{rel}", f"b/{rel}"))
+        else:
+            from sferd.pipeline.artifacts import atomic_write_text
+
+            atomic_write_text(p, text)
+            print(f"wrote {rel}")
+    if check:
+        if stale:
+            _err(f"{len(stale)} generated file(s) stale: {', '.join(stale)}; run `sferd-spec compile`")
+            raise typer.Exit(1)
+        print("generated files are up to date")
+    elif not stale:
+        print("nothing to do: generated files are up to date")
+
+
+@app.command()
+def plan(spec: Path = typer.Argument(..., help="Spec file.")) -> None:
+    """Print the stage graph in order with inputs, outputs and estimated work.
+
+    Examples:
+      sferd-spec plan specs/quickstart.yaml
+    """
+    [(path, s)] = _load_all([spec])
+    stages = _graph(s, path)
+    total = 0.0
+    for k, st in enumerate(stages, 1):
+        fp = st.cost.get("forward_passes", 0.0)
+        total += fp
+        print(f"{k:3d}. {st.name}  [{st.kind}]" + (f"  ~{_human(fp)} image forward passes" if fp else ""))
+        for d in st.deps:
+            print(f"       in : {d}")
+        for o in (*st.outs, *st.metrics, *st.uncached_outs):
+            print(f"       out: {o}")
+    print(f"{len(stages)} stages, ~{_human(total)} image forward passes in total "
+          "(a training update counts forward + backward as 3 passes; PD adds 2 teacher passes)")
+
+
+@app.command()
+def render(
+    spec: Path = typer.Argument(..., help="Spec file."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
+) -> None:
+    """Render the spec's table from whatever metrics exist; missing cells are marked.
+
+    Examples:
+      sferd-spec render specs/quickstart.yaml
+      sferd-spec render specs/quickstart.yaml -o /tmp/table.md
+    """
+    [(path, s)] = _load_all([spec])
+    from sferd.report.table import render_markdown, table_context
+
+    [st] = [st for st in _graph(s, path) if st.kind == "render"]
+    p = st.params
+    text = render_markdown(table_context(p["spec"], p["table"], p["rows"], p["reported"]))
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        from sferd.pipeline.artifacts import atomic_write_text
+
+        atomic_write_text(output, text)
+        print(f"wrote {output}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,1 @@
+"""Diffusion maths shared by every method: schedule, parameterizations, samplers, losses."""

@@ -1,0 +1,1 @@
+"""Training procedures: teacher, progressive distillation, and (next) SFERD and the baselines."""

@@ -1,0 +1,116 @@
+"""torch-fidelity feature extractor "digits-cnn": a trained DigitsCNN checkpoint behind torch-fidelity's API.
+
+Contract of torch-fidelity 0.4.0 that this class follows (see torch_fidelity/utils.py, registry.py):
+- the registry stores the class; `create_feature_extractor` instantiates it as
+  `cls(name, features_list, **kwargs)`, where kwargs are *all* keyword arguments given to `calculate_metrics`
+  except `cuda` (input1, input2, fid, batch_size, ...), so `__init__` must swallow unknown ones;
+- `forward` receives uint8 B x 3 x H x W batches and must return a tuple with one tensor per requested feature,
+  in the order of `features_list` (`convert_features_tuple_to_dict` zips them and checks `type(...) is tuple`);
+- `register_feature_extractor` raises on a name that is already registered, hence the guard below.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.helpers import vassert
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from sferd.metrics.fid import file_sha256  # noqa: F401  (re-exported: part of this module's API)
+from sferd.metrics.keys import EXTRACTOR_DIGITS_CNN
+from sferd.nn.digits_cnn import load_digits_cnn, save_digits_cnn, to_model_input  # noqa: F401  (re-exported)
+
+FEATURE_POOL = "pool"
+FEATURE_LOGITS = "logits"
+
+_DTYPES = {None: torch.float32, "float32": torch.float32, "float64": torch.float64}
+
+
+class FeatureExtractorDigitsCNN(FeatureExtractorBase):
+    """Features "pool" (B x feature_dim, used by FID/KID/PRC) and "logits" (B x 10, used by ISC) of a DigitsCNN."""
+
+    def __init__(
+        self,
+        name,
+        features_list,
+        feature_extractor_weights_path=None,
+        feature_extractor_internal_dtype=None,
+        **kwargs,
+    ):
+        super().__init__(name, features_list)
+        vassert(
+            feature_extractor_weights_path is not None,
+            f"Feature extractor {name!r} needs feature_extractor_weights_path: a checkpoint written by "
+            f"sferd.nn.digits_cnn.save_digits_cnn (nothing can be downloaded for it)",
+        )
+        vassert(
+            os.path.isfile(feature_extractor_weights_path),
+            f"Feature extractor {name!r}: weights file {feature_extractor_weights_path} does not exist",
+        )
+        # Own dtype table: torch-fidelity 0.4.0's helpers.text_to_dtype maps "float64" to torch.float32.
+        vassert(
+            feature_extractor_internal_dtype in _DTYPES,
+            f"Unsupported feature_extractor_internal_dtype {feature_extractor_internal_dtype!r}",
+        )
+        self.internal_dtype = _DTYPES[feature_extractor_internal_dtype]
+        self.net = load_digits_cnn(feature_extractor_weights_path).to(self.internal_dtype)
+        self.resolution = self.net.resolution
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        return FEATURE_POOL, FEATURE_LOGITS
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": FEATURE_LOGITS, "fid": FEATURE_POOL, "kid": FEATURE_POOL, "prc": FEATURE_POOL}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        # A few small convolutions: compilation would cost more than it saves, and it may perturb the numbers.
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+    def forward(self, x):
+        vassert(torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting image as torch.Tensor with dtype=torch.uint8")
+        vassert(x.dim() == 4 and x.shape[1] == 3, f"Input is not Bx3xHxW: {tuple(x.shape)}")
+        # No resizing: the CNN was trained at one resolution, and features of resampled images would not be
+        # comparable with those of the reference set.
+        vassert(
+            tuple(x.shape[2:]) == (self.resolution, self.resolution),
+            f"digits-cnn weights are for {self.resolution}x{self.resolution} images, got {tuple(x.shape[2:])}",
+        )
+        # Grey images arrive replicated to RGB; the channel mean undoes that exactly (3v/3 == v in float) and
+        # still gives a sensible grey for genuinely coloured input.
+        grey = x.to(self.internal_dtype).mean(dim=1, keepdim=True)
+        pool = self.net.features(to_model_input(grey))
+        out = {FEATURE_POOL: pool}
+        if FEATURE_LOGITS in self.features_list:
+            out[FEATURE_LOGITS] = self.net.classifier(pool)
+        return tuple(out[name] for name in self.features_list)
+
+
+def register_digits_extractor() -> str:
+    """Register "digits-cnn" with torch-fidelity once per process (repeat calls are no-ops); return the name."""
+    existing = FEATURE_EXTRACTORS_REGISTRY.get(EXTRACTOR_DIGITS_CNN)
+    if existing is FeatureExtractorDigitsCNN:
+        return EXTRACTOR_DIGITS_CNN
+    if existing is not None:
+        same_origin = (existing.__module__, existing.__qualname__) == (
+            FeatureExtractorDigitsCNN.__module__,
+            FeatureExtractorDigitsCNN.__qualname__,
+        )
+        if not same_origin:
+            raise RuntimeError(f"torch-fidelity extractor name {EXTRACTOR_DIGITS_CNN!r} is taken by {existing!r}")
+        # This module was re-imported (importlib.reload, test isolation): point the entry at the live class.
+        # register_feature_extractor refuses existing names, so the registry dict is updated directly.
+        FEATURE_EXTRACTORS_REGISTRY[EXTRACTOR_DIGITS_CNN] = FeatureExtractorDigitsCNN
+        return EXTRACTOR_DIGITS_CNN
+    register_feature_extractor(EXTRACTOR_DIGITS_CNN, FeatureExtractorDigitsCNN)
+    return EXTRACTOR_DIGITS_CNN

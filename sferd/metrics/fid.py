@@ -1,0 +1,285 @@
+"""FID between two uint8 image sets through torch-fidelity, plus the independent reference formula and provenance.
+
+torch-fidelity is imported inside the functions that need it: importing it costs about two seconds (it pulls in
+torchvision), and the CLI imports this package without computing any FID.
+
+Weights are never downloaded implicitly. A pipeline stage must be reproducible offline and must record the SHA-256
+of the weights that produced its number, so both extractors need a local file, checked by
+`resolve_feature_extractor_weights` before any expensive work (stages call it before sampling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from importlib import metadata
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from sferd.metrics import keys
+
+SUPPORTED_EXTRACTORS = (keys.EXTRACTOR_DIGITS_CNN, keys.EXTRACTOR_INCEPTION)
+
+
+class FeatureExtractorWeightsError(FileNotFoundError):
+    """The weights a FID feature extractor needs are not available locally."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+class NpzImages(Dataset):
+    """uint8 N x H x W x C images (C = 1 or 3) served as the bare uint8 3 x H x W tensors torch-fidelity expects.
+
+    torch-fidelity checks that `dataset[0]` is a tensor (a `(image, label)` tuple is rejected) and its extractors
+    assert dtype uint8 with 3 channels, so grey images are replicated to RGB here, as an image file loader would.
+    """
+
+    def __init__(self, images: np.ndarray):
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            # No silent rescaling: a float array could be in [0, 1], [-1, 1] or [0, 255], and guessing wrong
+            # produces a plausible-looking but meaningless FID.
+            raise TypeError(f"NpzImages needs uint8 images (0..255), got dtype {images.dtype}")
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"NpzImages needs N x H x W x C images with C in (1, 3), got shape {images.shape}")
+        self.images = images
+
+    @classmethod
+    def from_npz(cls, path: str | os.PathLike, key: str = "images") -> "NpzImages":
+        with np.load(path, allow_pickle=False) as z:
+            if key not in z.files:
+                raise KeyError(f"{path}: no array {key!r} (has {z.files})")
+            return cls(z[key])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1)
+        if x.shape[0] == 1:
+            x = torch.cat([x, x // 2, x], 0)
+        return x.contiguous()
+
+
+def _as_dataset(images: np.ndarray | NpzImages, what: str) -> NpzImages:
+    ds = images if isinstance(images, NpzImages) else NpzImages(images)
+    if len(ds) < 2:
+        raise ValueError(f"FID needs at least 2 images per set (a covariance), {what} has {len(ds)}")
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+def _inception_url() -> str:
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return URL_INCEPTION_V3
+
+
+def _fetch_hint(url: str, dest: str) -> str:
+    return (
+        f"Fetch {url} once (on a machine with network) and place it at {dest}, e.g.\n"
+        f"    curl -L --create-dirs -o '{dest}' '{url}'\n"
+        f"or pass a local copy of that file as the feature-extractor weights path."
+    )
+
+
+def resolve_feature_extractor_weights(
+    feature_extractor: str, weights_path: str | os.PathLike | None, *, cache_root: str | os.PathLike | None = None
+) -> str:
+    """Return the local weights file the extractor will load, or raise FeatureExtractorWeightsError.
+
+    - "digits-cnn": `weights_path` is required (the features stage's `save_digits_cnn` checkpoint) and is opened
+      once here, so a wrong or corrupt file fails now rather than after sampling.
+    - "inception-v3-compat": `weights_path` if given, else the file torch-fidelity would download, looked up in
+      `cache_root` (default: torch hub's `checkpoints` directory, where `torch.hub.load_state_dict_from_url`
+      caches it). Handing torch-fidelity an explicit path keeps it away from its download branch.
+    """
+    if feature_extractor not in SUPPORTED_EXTRACTORS:
+        raise ValueError(f"unknown FID feature extractor {feature_extractor!r}; supported: {SUPPORTED_EXTRACTORS}")
+
+    if feature_extractor == keys.EXTRACTOR_DIGITS_CNN:
+        if weights_path is None:
+            raise FeatureExtractorWeightsError(
+                "FID feature extractor 'digits-cnn' needs weights_path: the checkpoint the quickstart's features "
+                "stage writes with save_digits_cnn (results/stages/<pipeline>-features/model.pt). Run that stage "
+                "first; there is nothing to download for this extractor."
+            )
+        path = os.fspath(weights_path)
+        if not os.path.isfile(path):
+            raise FeatureExtractorWeightsError(
+                f"FID feature extractor 'digits-cnn': weights file {path} does not exist (it is written by the "
+                f"features stage with save_digits_cnn)."
+            )
+        from sferd.nn.digits_cnn import load_digits_cnn
+
+        load_digits_cnn(path)  # validates format and architecture; a few milliseconds
+        return path
+
+    url = _inception_url()
+    if weights_path is not None:
+        path = os.fspath(weights_path)
+        if not os.path.isfile(path):
+            raise FeatureExtractorWeightsError(
+                f"FID feature extractor 'inception-v3-compat': weights file {path} does not exist.\n"
+                + _fetch_hint(url, path)
+            )
+        return path
+    root = os.fspath(cache_root) if cache_root is not None else os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(root, os.path.basename(urlparse(url).path))
+    if not os.path.isfile(path):
+        raise FeatureExtractorWeightsError(
+            "FID feature extractor 'inception-v3-compat' has no local weights, and sferd does not let "
+            "torch-fidelity download them mid-pipeline (offline machines; the weights' SHA-256 goes into the "
+            "metrics).\n" + _fetch_hint(url, path)
+        )
+    return path
+
+
+def _prepare_extractor(feature_extractor: str) -> None:
+    if feature_extractor == keys.EXTRACTOR_DIGITS_CNN:
+        from sferd.metrics.extractor import register_digits_extractor
+
+        register_digits_extractor()
+
+
+# ------------------------------------------------------------------------------------------------ FID
+
+
+def compute_fid(
+    images_a: np.ndarray | NpzImages,
+    images_b: np.ndarray | NpzImages,
+    *,
+    feature_extractor: str,
+    weights_path: str | os.PathLike | None,
+    cache_root: str | os.PathLike | None = None,
+    batch_size: int = 64,
+) -> float:
+    """FID between two uint8 N x H x W x C image sets, computed by `torch_fidelity.calculate_metrics`.
+
+    `cache_root` is where stock (Inception) weights are looked up when `weights_path` is None; see
+    `resolve_feature_extractor_weights`. torch-fidelity's own feature cache is off: its keys are input names, not
+    contents, so a stale entry could silently stand in for new samples.
+    """
+    weights = resolve_feature_extractor_weights(feature_extractor, weights_path, cache_root=cache_root)
+    ds_a, ds_b = _as_dataset(images_a, "images_a"), _as_dataset(images_b, "images_b")
+    _prepare_extractor(feature_extractor)
+    import torch_fidelity
+
+    metrics = torch_fidelity.calculate_metrics(
+        input1=ds_a,
+        input2=ds_b,
+        fid=True,
+        feature_extractor=feature_extractor,
+        feature_extractor_weights_path=weights,
+        # torch.compile may change the features numerically (torch-fidelity's own warning) and costs start-up.
+        feature_extractor_compile=False,
+        cuda=torch.cuda.is_available(),
+        verbose=False,
+        # save_cpu_ram=True means DataLoader num_workers=0: no worker processes to fork for in-memory arrays.
+        save_cpu_ram=True,
+        cache=False,
+        batch_size=int(batch_size),
+    )
+    return float(metrics[torch_fidelity.KEY_METRIC_FID])
+
+
+def extract_features(
+    images: np.ndarray | NpzImages,
+    *,
+    feature_extractor: str,
+    weights_path: str | os.PathLike | None,
+    cache_root: str | os.PathLike | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """The N x D features FID uses, produced by the same registered extractor and layer as `compute_fid`.
+
+    Built from torch-fidelity's own helpers (`create_feature_extractor`, `get_featuresdict_from_dataset`), so the
+    only thing an FID recomputed from these features does not share with `compute_fid` is the statistics step.
+    """
+    weights = resolve_feature_extractor_weights(feature_extractor, weights_path, cache_root=cache_root)
+    ds = _as_dataset(images, "images")
+    _prepare_extractor(feature_extractor)
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    cuda = torch.cuda.is_available()
+    layer = FEATURE_EXTRACTORS_REGISTRY[feature_extractor].get_default_feature_layer_for_metric("fid")
+    extractor = create_feature_extractor(
+        feature_extractor, [layer], cuda=cuda, feature_extractor_weights_path=weights, verbose=False
+    )
+    feats = get_featuresdict_from_dataset(ds, extractor, int(batch_size), cuda, True, False)[layer]
+    return feats.numpy()
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, with scipy's matrix square root.
+
+    Deliberately a different route from torch-fidelity (which sums square roots of eigenvalues of S1 S2), so it
+    can serve as an independent oracle in tests.
+    """
+    import scipy.linalg
+
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        # Near-singular product (fewer samples than dimensions): regularise as pytorch-fid does.
+        offset = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        # Round-off gives tiny imaginary parts; a large one means the covariances are not valid PSD matrices.
+        if not np.allclose(np.diagonal(covmean).imag, 0.0, atol=1e-3):
+            raise ValueError(f"sqrtm has a large imaginary component {np.abs(covmean.imag).max():.3g}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased, N-1) covariance in float64, the statistics FID is defined on."""
+    f = np.asarray(features, dtype=np.float64)
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+
+
+def torch_fidelity_version() -> str:
+    # Package metadata avoids importing torch-fidelity just to read its version.
+    try:
+        return metadata.version("torch-fidelity")
+    except metadata.PackageNotFoundError:
+        import torch_fidelity
+
+        return torch_fidelity.__version__
+
+
+def fid_provenance(
+    *, feature_extractor: str, weights_path: str | os.PathLike | None, cache_root: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """What produced an FID number: implementation version, extractor name and the hash of its weights."""
+    weights = resolve_feature_extractor_weights(feature_extractor, weights_path, cache_root=cache_root)
+    return {
+        keys.FID_IMPL: f"torch-fidelity=={torch_fidelity_version()}",
+        keys.FEATURE_EXTRACTOR: feature_extractor,
+        keys.WEIGHTS_SHA256: file_sha256(weights),
+    }

@@ -1,0 +1,1 @@
+"""Spec → stage graph → DVC files (pure functions) and the stage runner."""

@@ -1,0 +1,132 @@
+"""Atomic, deterministic artifact I/O (DESIGN.md non-negotiables).
+
+Every file is written to a temporary sibling and moved into place with os.replace, so a killed stage never
+leaves a half-written file that DVC or a resume could mistake for a finished one. Checkpoints are plain
+tensors + JSON-able config, read back with `torch.load(weights_only=True)` (no pickled code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sferd.pipeline.errors import StageError
+
+
+def _tmp_for(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = _tmp_for(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, fixed indentation: the same content always gives the same bytes."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, canonical_json(obj))
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    path = Path(path)
+    tmp = _tmp_for(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)  # uncompressed: fast, and byte-identical for identical arrays
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def producer_of(path: str | Path) -> str:
+    """Stage that writes `path`: outputs live under results/<stage-name>/ by construction."""
+    parts = Path(path).as_posix().split("/")
+    return parts[1] if len(parts) > 2 and parts[0] == "results" else ""
+
+
+def read_npz(path: str | Path, *, produced_by: str = "") -> dict[str, np.ndarray]:
+    path = Path(path)
+    produced_by = produced_by or producer_of(path)
+    if not path.is_file():
+        hint = f" (produced by stage {produced_by}: run `dvc repro {produced_by}`)" if produced_by else ""
+        raise StageError(f"{path} is missing{hint}")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def torch_save(path: str | Path, obj: Any) -> None:
+    import torch
+
+    path = Path(path)
+    tmp = _tmp_for(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def torch_load(path: str | Path, *, produced_by: str = "") -> Any:
+    import torch
+
+    path = Path(path)
+    produced_by = produced_by or producer_of(path)
+    if not path.is_file():
+        hint = f"; it is produced by stage {produced_by} (`dvc repro {produced_by}`)" if produced_by else ""
+        raise StageError(f"checkpoint {path} is missing{hint}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fresh_dir(path: str | Path) -> Path:
+    """Empty a stage's (non-persisted) output directory before writing into it."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def check_model_config(ckpt: dict, expected: dict, *, path: str, produced_by: str) -> None:
+    """Refuse a checkpoint built for another network: shapes would mismatch or, worse, silently fit."""
+    got = ckpt.get("config", {}).get("model")
+    if got != expected:
+        diff = sorted(k for k in set(got or {}) | set(expected) if (got or {}).get(k) != expected.get(k))
+        raise StageError(
+            f"{path} was trained with a different model config (differs in: {', '.join(diff) or 'everything'}); "
+            f"re-run its stage: `dvc repro {produced_by}`"
+        )

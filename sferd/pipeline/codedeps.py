@@ -1,0 +1,68 @@
+"""Which source files a stage imports, found statically (DESIGN.md step 3: deps on the code a stage uses).
+
+A stage depends on its runner module and on the `sferd` modules that module imports, transitively —
+never on the whole package, or any CLI edit would retrain every model (conventions.md §6). Imports are read
+from the AST (including imports inside functions, where heavy modules are imported lazily), so the result
+needs no torch and is the same on every machine.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import lru_cache
+from pathlib import Path
+
+PACKAGE = "sferd"
+
+
+def _module_file(root: Path, module: str) -> Path | None:
+    base = root / Path(*module.split("."))
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    is_pkg = path.name == "__init__.py"
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = module.split(".")
+                keep = len(parts) - node.level + (1 if is_pkg else 0)
+                base = ".".join(parts[:keep])
+                mod = f"{base}.{node.module}" if node.module else base
+            else:
+                mod = node.module or ""
+            found.add(mod)
+            # `from sferd.diffusion import schedule` imports a submodule
+            found.update(f"{mod}.{a.name}" for a in node.names)
+    return {m for m in found if m == PACKAGE or m.startswith(PACKAGE + ".")}
+
+
+@lru_cache(maxsize=None)
+def module_closure(root: str, module: str) -> tuple[str, ...]:
+    """Repo-relative files of `module` and every sferd module it imports (sorted, posix paths)."""
+    rootp = Path(root)
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        path = _module_file(rootp, mod)
+        if path is None:
+            continue
+        seen[mod] = path
+        # importing a.b.c runs a/__init__ and a/b/__init__ too
+        parts = mod.split(".")
+        todo.extend(".".join(parts[:k]) for k in range(1, len(parts)))
+        todo.extend(_imports(path, mod))
+    # sferd/__init__.py only carries the version string; depending on it would retrain everything on a bump.
+    files = {p.relative_to(rootp).as_posix() for m, p in seen.items() if m != PACKAGE}
+    return tuple(sorted(files))

@@ -1,0 +1,281 @@
+"""Spec → stage graph (DESIGN.md "How a spec becomes results", step 2). Pure: no I/O, no torch.
+
+The graph is a list of `Stage`s in a valid execution order:
+data → feature network → teacher → one stage per halving per method → one FID stage per
+(model, steps) and per calibration row → one render stage per table.
+
+Every stage carries its *fully resolved* parameters (what the stage runner reads), the paths it reads and
+writes (deterministic, derived from the stage name), and an estimate of its work. Stage names follow
+`[a-z0-9-]+`, dataset first, zero-padded step counts: `digits-pd-s0004-fid`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sferd.spec.models import PDMethod, Spec
+
+RESULTS = "results"
+METRICS_DIR = f"{RESULTS}/metrics"
+TABLES_DIR = f"{RESULTS}/tables"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    kind: str  # the stage-runner module under sferd.pipeline.stages
+    params: dict[str, Any]  # fully resolved; JSON/YAML-serialisable; includes inputs/outputs
+    deps: tuple[str, ...]  # upstream outputs this stage reads
+    outs: tuple[str, ...]  # cached outputs (files or directories)
+    persist: bool = False  # keep outs between runs so a killed stage resumes
+    metrics: tuple[str, ...] = ()  # small JSON, tracked by git (cache: false)
+    uncached_outs: tuple[str, ...] = ()  # rendered tables: in git, not in the DVC cache
+    cost: dict[str, float] = field(default_factory=dict)  # estimated work, for `plan`
+
+
+def steps_tag(steps: int) -> str:
+    return f"s{steps:04d}"
+
+
+def stage_dir(name: str) -> str:
+    return f"{RESULTS}/{name}"
+
+
+def metrics_path(name: str) -> str:
+    return f"{METRICS_DIR}/{name}.json"
+
+
+def _model_config(spec: Spec, *, dropout: float | None = None) -> dict[str, Any]:
+    """The network the runner builds: U-Net fields + data shape + output channels."""
+    m = spec.teacher.model.model_dump(mode="json")
+    if dropout is not None:
+        m["dropout"] = dropout
+    channels = spec.dataset.channels
+    m["in_channels"] = channels
+    m["out_channels"] = 2 * channels if spec.teacher.parameterization == "both" else channels
+    m["resolution"] = spec.dataset.resolution
+    m["num_classes"] = spec.dataset.num_classes if m.pop("class_conditional") else None
+    return m
+
+
+def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
+    p = spec.dataset.short
+    ds = spec.dataset.model_dump(mode="json")
+    stages: list[Stage] = []
+
+    # ---- data
+    data_name = f"{p}-data"
+    data_dir = stage_dir(data_name)
+    train_npz, heldout_npz = f"{data_dir}/train.npz", f"{data_dir}/heldout.npz"
+    n_train_hint = 1797  # only used by cost estimates for digits
+    stages.append(
+        Stage(
+            name=data_name,
+            kind="data",
+            params={"kind": "data", "dataset": ds, "outputs": {"dir": data_dir}},
+            deps=(),
+            outs=(data_dir,),
+            cost={"images": n_train_hint},
+        )
+    )
+
+    # ---- FID feature network (quickstart)
+    feat_weights: str | None = None
+    feat_deps: tuple[str, ...] = ()
+    if spec.features is not None:
+        feat_name = f"{p}-features"
+        feat_dir = stage_dir(feat_name)
+        feat_weights = f"{feat_dir}/model.pt"
+        feat_deps = (feat_dir,)
+        f = spec.features
+        stages.append(
+            Stage(
+                name=feat_name,
+                kind="features",
+                params={
+                    "kind": "features",
+                    "seed": spec.seed,
+                    "dataset": ds,
+                    "network": f.model_dump(mode="json"),
+                    "inputs": {"train": train_npz, "heldout": heldout_npz},
+                    "outputs": {"dir": feat_dir, "metrics": metrics_path(feat_name)},
+                },
+                deps=(data_dir,),
+                outs=(feat_dir,),
+                metrics=(metrics_path(feat_name),),
+                cost={"forward_passes": 3.0 * f.updates * f.batch_size},
+            )
+        )
+
+    # ---- teacher
+    t = spec.teacher
+    teacher_name = f"{p}-teacher"
+    teacher_dir = stage_dir(teacher_name)
+    teacher_model = _model_config(spec)
+    student_model = _model_config(spec, dropout=0.0)  # PD: students train without dropout
+    stages.append(
+        Stage(
+            name=teacher_name,
+            kind="teacher",
+            params={
+                "kind": "teacher",
+                "seed": spec.seed,
+                "dataset": ds,
+                "model": teacher_model,
+                "training": t.model_dump(mode="json", exclude={"model", "kind"}),
+                "inputs": {"train": train_npz},
+                "outputs": {"dir": teacher_dir, "metrics": metrics_path(teacher_name)},
+            },
+            deps=(data_dir,),
+            outs=(teacher_dir,),
+            persist=True,
+            metrics=(metrics_path(teacher_name),),
+            cost={"forward_passes": 3.0 * t.updates * t.batch_size},
+        )
+    )
+
+    # ---- distillation chains
+    for method in spec.methods:
+        if isinstance(method, PDMethod):
+            stages.extend(_pd_chain(spec, method, teacher_dir, teacher_model, student_model, train_npz))
+
+    # ---- FID
+    ev = spec.evaluation
+    fid_common = {
+        "num_samples": ev.num_samples,
+        "sample_seed_start": ev.sample_seed_start,
+        "sample_batch_size": ev.sample_batch_size,
+        "feature_extractor": ev.feature_extractor,
+        "feature_weights": feat_weights,
+        "reference": {"name": f"{spec.dataset.id}-{ev.reference}", "path": train_npz},
+        "dataset": ds,
+    }
+    fid_rows: list[dict[str, Any]] = []
+
+    def add_fid(name: str, row: str, label: str, steps: int | None, source: dict[str, Any], deps: tuple[str, ...], nfe_per_sample: int) -> None:
+        out_dir = stage_dir(name)
+        stages.append(
+            Stage(
+                name=name,
+                kind="fid",
+                params={
+                    "kind": "fid",
+                    "spec": spec_path,
+                    "row": row,
+                    "steps": steps,
+                    "source": source,
+                    **fid_common,
+                    "outputs": {"dir": out_dir, "metrics": metrics_path(name)},
+                },
+                deps=(data_dir, *feat_deps, *deps),
+                outs=(out_dir,),
+                metrics=(metrics_path(name),),
+                cost={"forward_passes": float(ev.num_samples * nfe_per_sample)},
+            )
+        )
+        fid_rows.append({"row": row, "label": label, "steps": steps, "metrics": metrics_path(name)})
+
+    for steps in ev.teacher_steps:
+        add_fid(
+            f"{p}-teacher-{steps_tag(steps)}-fid", "teacher", "Teacher (DDIM, no distillation)", steps,
+            {"kind": "model", "checkpoint": f"{teacher_dir}/model.pt", "model": teacher_model,
+             "parameterization": t.parameterization},
+            (teacher_dir,), steps,
+        )
+    for method in spec.methods:
+        for steps in ev.student_steps:
+            ckpt_dir = stage_dir(f"{p}-{method.name}-{steps_tag(steps)}")
+            add_fid(
+                f"{p}-{method.name}-{steps_tag(steps)}-fid", method.name, method.label, steps,
+                {"kind": "model", "checkpoint": f"{ckpt_dir}/model.pt", "model": student_model,
+                 "parameterization": t.parameterization},
+                (ckpt_dir,), steps,
+            )
+    for cal in ev.calibration:
+        if cal == "heldout":
+            add_fid(f"{p}-heldout-fid", "heldout", "Held-out data (floor)", None,
+                    {"kind": "heldout", "path": heldout_npz}, (), 0)
+        else:
+            add_fid(f"{p}-noise-fid", "noise", "Gaussian noise (ceiling)", None, {"kind": "noise"}, (), 0)
+
+    # ---- render
+    table = spec.table
+    render_name = f"{table.id}-render"
+    md = f"{TABLES_DIR}/{table.id}.md"
+    stages.append(
+        Stage(
+            name=render_name,
+            kind="render",
+            params={
+                "kind": "render",
+                "spec": spec_path,
+                "table": table.model_dump(mode="json"),
+                "rows": fid_rows,
+                "reported": [r.model_dump(mode="json") for r in spec.reported],
+                "outputs": {"markdown": md},
+            },
+            deps=tuple(r["metrics"] for r in fid_rows),
+            outs=(),
+            uncached_outs=(md,),
+            cost={},
+        )
+    )
+    return stages
+
+
+def _pd_chain(
+    spec: Spec,
+    method: PDMethod,
+    teacher_dir: str,
+    teacher_model: dict[str, Any],
+    student_model: dict[str, Any],
+    train_npz: str,
+) -> list[Stage]:
+    p = spec.dataset.short
+    t = spec.teacher
+    out: list[Stage] = []
+    prev_dir, prev_model, prev_is_teacher = teacher_dir, teacher_model, True
+    for steps in method.student_steps():
+        name = f"{p}-{method.name}-{steps_tag(steps)}"
+        d = stage_dir(name)
+        updates = method.updates_for(steps)
+        out.append(
+            Stage(
+                name=name,
+                kind="distill",
+                params={
+                    "kind": "distill",
+                    "method": method.kind,
+                    "seed": spec.seed,
+                    "dataset": spec.dataset.model_dump(mode="json"),
+                    "student_steps": steps,
+                    "teacher": {
+                        "checkpoint": f"{prev_dir}/model.pt",
+                        "model": prev_model,
+                        # the first halving distils the teacher's EMA weights; later ones the previous student
+                        "is_original_teacher": prev_is_teacher,
+                    },
+                    "model": student_model,
+                    "parameterization": t.parameterization,
+                    "loss_weighting": t.loss_weighting,
+                    "training": {
+                        "updates": updates,
+                        "batch_size": method.batch_size,
+                        "lr": method.lr,
+                        "grad_clip_norm": method.grad_clip_norm,
+                        "checkpoint_every_updates": method.checkpoint_every_updates,
+                    },
+                    "inputs": {"train": train_npz},
+                    "outputs": {"dir": d, "metrics": metrics_path(name)},
+                },
+                deps=(stage_dir(f"{p}-data"), prev_dir),
+                outs=(d,),
+                persist=True,
+                metrics=(metrics_path(name),),
+                # 2 teacher forwards + 1 student forward/backward (≈ 3 forwards) per example
+                cost={"forward_passes": 5.0 * updates * method.batch_size},
+            )
+        )
+        prev_dir, prev_model, prev_is_teacher = d, student_model, False
+    return out

@@ -1,0 +1,44 @@
+"""Helpers shared by the stage modules: seeding, checkpoint payloads, loading models for sampling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sferd
+from sferd.pipeline.artifacts import check_model_config, producer_of, torch_load
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    # Deterministic CPU results need a fixed thread count as well as fixed seeds.
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+def checkpoint_payload(model, params: dict[str, Any], *, weights: str) -> dict[str, Any]:
+    """What `model.pt` holds: tensors + the resolved config + package version (no pickled code)."""
+    return {
+        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "config": params,
+        "weights": weights,
+        "sferd_version": sferd.__version__,
+    }
+
+
+def load_model(path: str, model_cfg: dict[str, Any]):
+    """Build the network described by `model_cfg` and load a checkpoint that must match it."""
+    from sferd.nn.build import build_unet
+
+    ckpt = torch_load(path)
+    check_model_config(ckpt, model_cfg, path=path, produced_by=producer_of(path))
+    net = build_unet(model_cfg)
+    net.load_state_dict(ckpt["state_dict"])
+    return net.eval().requires_grad_(False)
+
+
+def training_labels(model_cfg: dict[str, Any], data: dict):
+    """Class labels for conditional models (D6), None for unconditional ones."""
+    import torch
+
+    return torch.from_numpy(data["labels"]).long() if model_cfg.get("num_classes") else None

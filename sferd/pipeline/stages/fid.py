@@ -1,0 +1,114 @@
+"""Stage `fid`: draw one sample set and measure its FID against the reference split (DESIGN.md step 5).
+
+Sources: a model sampled with DDIM (teacher or student), or a calibration set (held-out real images: the
+floor; Gaussian noise images: the ceiling). Samples are saved as one .npz (uint8 N×H×W×C, labels, seeds)
+so FID can be recomputed with another implementation without resampling. Sample k uses seed
+`sample_seed_start + k` for its noise and class, so the set does not depend on batch size or sharding.
+The metrics file records which FID, on what, with which seeds — the number is meaningless without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sferd.metrics import keys
+from sferd.pipeline.artifacts import fresh_dir, read_npz, sha256_file, write_json, write_npz
+from sferd.pipeline.errors import StageError
+from sferd.pipeline.stages.common import load_model
+
+
+def seed_range(start: int, n: int) -> str:
+    return f"{start}-{start + n - 1}"
+
+
+def _sample_model(params: dict, seeds: np.ndarray, label: str) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    from sferd.diffusion.denoiser import NetworkDenoiser
+    from sferd.diffusion.sampler import ddim_sample, per_sample_noise, to_uint8
+    from sferd.methods.training import Progress
+
+    src = params["source"]
+    model_cfg = src["model"]
+    net = load_model(src["checkpoint"], model_cfg)
+    denoiser = NetworkDenoiser(net, src["parameterization"])
+    shape = (model_cfg["in_channels"], model_cfg["resolution"], model_cfg["resolution"])
+    num_classes = model_cfg.get("num_classes")
+    labels = np.full(len(seeds), -1, dtype=np.int64)
+    if num_classes:
+        # class of sample k from its own seed (an independent stream from its noise)
+        labels = np.array([np.random.default_rng([int(s), 1]).integers(num_classes) for s in seeds], dtype=np.int64)
+    chunks = []
+    bs = params["sample_batch_size"]
+    progress = Progress(label, len(seeds))
+    try:
+        for lo in range(0, len(seeds), bs):
+            idx = slice(lo, lo + bs)
+            noise = per_sample_noise(seeds[idx], shape)
+            y = torch.from_numpy(labels[idx]) if num_classes else None
+            chunks.append(to_uint8(ddim_sample(denoiser, noise, params["steps"], y=y, clip=True)))
+            progress.update(len(noise))
+    finally:
+        progress.close()
+    return np.concatenate(chunks), labels
+
+
+def _noise_images(seeds: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    from sferd.diffusion.sampler import per_sample_noise, to_uint8
+
+    return to_uint8(per_sample_noise(seeds, shape).clamp(-1, 1))
+
+
+def run(name: str, params: dict) -> None:
+    import torch
+
+    from sferd.metrics.fid import compute_fid, fid_provenance
+
+    torch.manual_seed(0)
+    out = fresh_dir(params["outputs"]["dir"])
+    weights = params["feature_weights"]
+    extractor = params["feature_extractor"]
+    if extractor == "digits-cnn" and (weights is None or not Path(weights).is_file()):
+        raise StageError(f"feature-network weights {weights} are missing; run the features stage first")
+    ref_path = params["reference"]["path"]
+    ref = read_npz(ref_path)["images"]
+
+    src = params["source"]
+    start, n = params["sample_seed_start"], params["num_samples"]
+    seeds = np.arange(start, start + n, dtype=np.int64)
+    steps = params["steps"]
+    if src["kind"] == "model":
+        images, labels = _sample_model(params, seeds, name)
+        nfe = steps
+    elif src["kind"] == "heldout":
+        held = read_npz(src["path"])
+        images, labels = held["images"], held["labels"]
+        seeds = np.full(len(images), -1, dtype=np.int64)  # real images: no sampling seed
+        nfe = 0
+    elif src["kind"] == "noise":
+        h, w, c = ref.shape[1:]
+        images, labels, nfe = _noise_images(seeds, (c, h, w)), np.full(n, -1, dtype=np.int64), 0
+    else:
+        raise StageError(f"unknown FID source {src['kind']!r}")
+    write_npz(out / "samples.npz", images=images, labels=labels, seeds=seeds)
+
+    fid = compute_fid(images, ref, feature_extractor=extractor, weights_path=weights)
+    write_json(
+        params["outputs"]["metrics"],
+        {
+            keys.STAGE: name,
+            keys.SPEC: params["spec"],
+            "row": params["row"],
+            keys.FID: fid,
+            keys.STEPS: steps,
+            keys.NFE: nfe,
+            keys.NUM_SAMPLES: int(len(images)),
+            keys.SEEDS: seed_range(start, n) if src["kind"] != "heldout" else "real images",
+            keys.REF: params["reference"]["name"],
+            keys.REF_SHA256: sha256_file(ref_path),
+            **fid_provenance(feature_extractor=extractor, weights_path=weights),
+        },
+    )
+    print(f"{name}: FID {fid:.3f} ({len(images)} samples, {extractor})")

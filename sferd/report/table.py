@@ -1,0 +1,106 @@
+"""Metrics JSON → pandas → Markdown table (DESIGN.md step 6).
+
+Rows are models (teacher DDIM, each method), columns are step counts; calibration rows (held-out data,
+noise) sit in their own block. A cell whose metrics file does not exist yet is *marked* missing, never
+hidden; paper numbers appear in their own rows with their source, never mixed into ours.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+import sferd
+
+MISSING = "missing"
+
+
+def gather(rows: list[dict[str, Any]], root: Path = Path(".")) -> pd.DataFrame:
+    """One record per planned FID stage, with its metrics if they exist."""
+    records = []
+    for r in rows:
+        path = root / r["metrics"]
+        m = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        records.append({**r, "present": m is not None, "metrics_data": m, "fid": m["fid"] if m else None})
+    return pd.DataFrame.from_records(records, columns=["row", "label", "steps", "metrics", "present", "metrics_data", "fid"])
+
+
+def _git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[dict], root: Path = Path(".")) -> dict:
+    df = gather(rows, root)
+    model_rows = df[df["steps"].notna()]
+    calib_rows = df[df["steps"].isna()]
+    steps = sorted({int(s) for s in model_rows["steps"]} | {int(k) for r in reported for k in r["values"]})
+
+    def fmt_cell(sub: pd.DataFrame, s: int) -> str:
+        hit = sub[sub["steps"] == s]
+        if hit.empty:
+            return ""  # not planned for this row
+        rec = hit.iloc[0]
+        return f"{rec['fid']:.2f}" if rec["present"] else MISSING
+
+    body = []
+    for row_id in dict.fromkeys(model_rows["row"]):
+        sub = model_rows[model_rows["row"] == row_id]
+        body.append({"label": sub.iloc[0]["label"], "cells": [fmt_cell(sub, s) for s in steps]})
+    paper = []
+    for r in reported:
+        vals = {int(k): v for k, v in r["values"].items()}
+        cells = []
+        for s in steps:
+            if s not in vals:
+                cells.append("")
+            else:
+                cells.append(f"{vals[s]:.2f}" if vals[s] is not None else "n/t")
+        paper.append({"label": r["system"], "source": r["source"], "reason": r.get("reason"), "cells": cells})
+    calib = [
+        {"label": rec["label"], "fid": f"{rec['fid']:.2f}" if rec["present"] else MISSING,
+         "n": rec["metrics_data"]["num_samples"] if rec["present"] else MISSING}
+        for _, rec in calib_rows.iterrows()
+    ]
+    present = df[df["present"]]
+    prov_keys = ["fid_impl", "feature_extractor", "weights_sha256", "ref", "num_samples", "seeds"]
+    provenance: dict[str, list[str]] = {k: [] for k in prov_keys}
+    for _, rec in present[present["steps"].notna()].iterrows():
+        for k in prov_keys:
+            v = str(rec["metrics_data"].get(k))
+            if v not in provenance[k]:
+                provenance[k].append(v)
+    return {
+        "title": table["title"],
+        "table_id": table["id"],
+        "steps": steps,
+        "body": body,
+        "paper": paper,
+        "calib": calib,
+        "provenance": provenance,
+        "n_missing": int((~df["present"]).sum()),
+        "n_cells": int(len(df)),
+        "spec": spec_path,
+        "commit": _git_commit(root),
+        "version": sferd.__version__,
+    }
+
+
+def render_markdown(context: dict) -> str:
+    env = Environment(
+        loader=FileSystemLoader(Path(__file__).parent / "templates"),
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,  # Markdown, not HTML
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return env.get_template("table.md.j2").render(**context)

@@ -1,0 +1,354 @@
+"""Pydantic v2 models of an experiment spec (DESIGN.md "Specs"; conventions.md §3).
+
+No I/O here: `sferd.spec.loader` reads YAML with positions, these models validate, `sferd.spec.checks`
+runs the rules that need several fields or derived facts. Every model forbids unknown keys (a typo is an
+error with a line number) and is frozen. Units live in field names; every non-obvious default cites its
+source. Nothing here imports torch: `sferd-spec validate` must stay fast.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def _check_name(v: str) -> str:
+    if not NAME_RE.match(v):
+        raise ValueError(f"{v!r} must match [a-z0-9]+(-[a-z0-9]+)* (it becomes part of DVC stage names)")
+    return v
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+DatasetId = Literal["digits-8x8", "digits-16x16", "digits-32x32", "cifar10-32x32", "imagenet-64x64"]
+
+# id → (short name used in stage names, channels, resolution, classes)
+DATASETS: dict[str, tuple[str, int, int, int]] = {
+    "digits-8x8": ("digits", 1, 8, 10),
+    "digits-16x16": ("digits", 1, 16, 10),
+    "digits-32x32": ("digits", 1, 32, 10),
+    "cifar10-32x32": ("cifar10", 3, 32, 10),
+    "imagenet-64x64": ("imagenet64", 3, 64, 1000),
+}
+
+
+class DatasetSpec(Model):
+    id: DatasetId = Field(
+        description="Dataset and resolution. `digits-*` is scikit-learn's load_digits (8×8 native, "
+        "upsampled bilinearly for 16/32), embedded and offline."
+    )
+    heldout_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        lt=0.5,
+        description="Fraction of images kept out of training (stratified); FID of held-out vs training "
+        "images is the table's floor row.",
+    )
+    split_seed: int = Field(0, ge=0, description="Seed of the train/held-out split.")
+    random_flip: bool = Field(
+        False,
+        description="Random horizontal flips in training (PD on CIFAR-10/ImageNet: on; digits: off, a "
+        "mirrored digit is another glyph).",
+    )
+
+    @property
+    def short(self) -> str:
+        return DATASETS[self.id][0]
+
+    @property
+    def channels(self) -> int:
+        return DATASETS[self.id][1]
+
+    @property
+    def resolution(self) -> int:
+        return DATASETS[self.id][2]
+
+    @property
+    def num_classes(self) -> int:
+        return DATASETS[self.id][3]
+
+
+# ------------------------------------------------------------------------------------------------ networks
+
+
+class UNetSpec(Model):
+    base_channels: int = Field(gt=0, description="Channels at the first level (PD CIFAR-10: 256).")
+    channel_mult: list[int] = Field(
+        min_length=1, description="Channel multiplier per resolution level (PD CIFAR-10: [1, 1, 1])."
+    )
+    num_res_blocks: int = Field(
+        ge=1, description="Encoder res-blocks per level; the decoder has one more (PD CIFAR-10: 3)."
+    )
+    attention_resolutions: list[int] = Field(
+        description="Feature-map sizes that get self-attention (PD CIFAR-10: [16, 8])."
+    )
+    num_heads: int = Field(1, ge=1, description="Attention heads when head_channels is null (PD CIFAR-10: 1).")
+    head_channels: int | None = Field(
+        None, ge=1, description="Channels per head; overrides num_heads (PD ImageNet 64: 64)."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Teacher dropout (PD CIFAR-10: 0.2). Students use 0.")
+    norm_groups: int = Field(32, ge=1, description="GroupNorm groups (32 in PD; smaller for tiny models).")
+    class_conditional: bool = Field(
+        False, description="Add a class embedding to the time embedding (D6: ImageNet 64×64 is conditional)."
+    )
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _positive_mults(cls, v: list[int]) -> list[int]:
+        if any(m < 1 for m in v):
+            raise ValueError("every channel multiplier must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> "UNetSpec":
+        for m in self.channel_mult:
+            if (self.base_channels * m) % self.norm_groups:
+                raise ValueError(
+                    f"norm_groups={self.norm_groups} must divide every level's channels "
+                    f"(base_channels {self.base_channels} × {m})"
+                )
+        return self
+
+    def resolutions(self, image_resolution: int) -> list[int]:
+        return [image_resolution // 2**k for k in range(len(self.channel_mult))]
+
+
+Parameterization = Literal["x", "eps", "v", "both"]
+LossWeighting = Literal["truncated_snr", "snr_plus_one"]
+
+
+class TeacherSpec(Model):
+    kind: Literal["train"] = Field("train", description="`train`: the teacher is trained by a pipeline stage.")
+    model: UNetSpec = Field(description="Teacher U-Net (PD unet_iddpm; sferd-method.md §12).")
+    parameterization: Parameterization = Field(
+        "x", description="Network output (PD Table 1: `x` on CIFAR-10, `both` on ImageNet 64×64)."
+    )
+    loss_weighting: LossWeighting = Field(
+        "truncated_snr",
+        description="max(SNR, 1)·x-MSE (`truncated_snr`, PD's choice) or (1+SNR)·x-MSE = v-MSE.",
+    )
+    updates: int = Field(gt=0, description="Optimiser updates (PD does not report its teacher length).")
+    batch_size: int = Field(gt=0, description="Images per update (PD CIFAR-10: 128).")
+    lr: float = Field(gt=0.0, description="Adam learning rate after warm-up (PD CIFAR-10: 2e-4).")
+    warmup_updates: int = Field(0, ge=0, description="Linear warm-up length (PD: 1000).")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (PD CIFAR-10: 0.001).")
+    ema_decay: float = Field(0.9999, ge=0.0, lt=1.0, description="EMA of weights; the EMA is distilled (PD: 0.9999).")
+    grad_clip_norm: float = Field(1.0, gt=0.0, description="Global gradient-norm clip (PD: 1).")
+    checkpoint_every_updates: int = Field(
+        500, gt=0, description="Write the resumable training state this often (a killed stage resumes)."
+    )
+
+    @field_validator("loss_weighting")
+    @classmethod
+    def _eps_diverges(cls, v: str, info: ValidationInfo) -> str:
+        if v == "truncated_snr" and info.data.get("parameterization") == "eps":
+            raise ValueError(
+                "eps-prediction with truncated-SNR weighting diverges as SNR → 0 (PD Table 1); "
+                "use parameterization x, v or both"
+            )
+        return v
+
+
+class FeatureNetSpec(Model):
+    """The quickstart's FID feature network: a small CNN classifier trained on the digits training split."""
+
+    kind: Literal["digits-cnn"] = Field("digits-cnn", description="Small CNN classifier on digits.")
+    feature_dim: int = Field(64, ge=8, description="Width of the pooled feature used by FID.")
+    width: int = Field(32, ge=8, description="Conv channels.")
+    updates: int = Field(gt=0, description="Optimiser updates.")
+    batch_size: int = Field(128, gt=0, description="Images per update.")
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate.")
+
+
+# ------------------------------------------------------------------------------------------------ methods
+
+
+class PDMethod(Model):
+    """Progressive distillation (Salimans & Ho, ICLR 2022): halve the sampler's steps, one stage each."""
+
+    kind: Literal["pd"] = Field(description="Method discriminator.")
+    name: str = Field("pd", description="Row id in tables and stage names ([a-z0-9-]).")
+    label: str = Field("PD", description="Row label in rendered tables.")
+    start_steps: int = Field(
+        description="Teacher DDIM steps at the chain start; a power of two (D12: 8192 CIFAR-10, 1024 ImageNet 64)."
+    )
+    end_steps: int = Field(1, description="Steps of the last student; a power of two below start_steps.")
+    updates_per_halving: int = Field(gt=0, description="Optimiser updates per halving (PD configs: 50k).")
+    updates_override: dict[int, int] = Field(
+        default_factory=dict,
+        description="Student step count → updates for that halving (PD text: 100k for the 2- and 1-step students).",
+    )
+    batch_size: int = Field(gt=0, description="Images per update (PD CIFAR-10: 128).")
+    lr: float = Field(gt=0.0, description="Adam learning rate, decayed linearly to 0 within each halving (PD: 5e-5).")
+    grad_clip_norm: float = Field(1.0, gt=0.0, description="Global gradient-norm clip (PD: 1).")
+    checkpoint_every_updates: int = Field(500, gt=0, description="Resumable state interval.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v)
+
+    @field_validator("start_steps", "end_steps")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if not _is_power_of_two(v):
+            raise ValueError(f"{v} is not a power of two (each halving halves the step count)")
+        return v
+
+    @field_validator("end_steps")
+    @classmethod
+    def _below_start(cls, v: int, info: ValidationInfo) -> int:
+        start = info.data.get("start_steps")
+        if start is not None and v >= start:
+            raise ValueError(f"end_steps ({v}) must be below start_steps ({start})")
+        return v
+
+    @field_validator("updates_override")
+    @classmethod
+    def _override(cls, v: dict[int, int], info: ValidationInfo) -> dict[int, int]:
+        chain = set(self_chain(info.data.get("start_steps"), info.data.get("end_steps", 1)))
+        for steps, updates in v.items():
+            if steps not in chain:
+                raise ValueError(f"no halving produces a {steps}-step student (chain: {sorted(chain, reverse=True)})")
+            if updates <= 0:
+                raise ValueError(f"updates for the {steps}-step student must be > 0")
+        return v
+
+    def student_steps(self) -> list[int]:
+        """Step counts of the students, in training order (start/2, start/4, …, end)."""
+        return self_chain(self.start_steps, self.end_steps)
+
+    def updates_for(self, steps: int) -> int:
+        return self.updates_override.get(steps, self.updates_per_halving)
+
+
+def self_chain(start: int | None, end: int | None) -> list[int]:
+    if not start or not end or not _is_power_of_two(start) or not _is_power_of_two(end):
+        return []
+    out, n = [], start // 2
+    while n >= end:
+        out.append(n)
+        n //= 2
+    return out
+
+
+# Later methods (sferd_pd, cfd, dode, …) join this union; the discriminator keeps errors precise.
+Method = Annotated[Union[PDMethod], Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+FeatureExtractor = Literal["digits-cnn", "inception-v3-compat"]
+Calibration = Literal["heldout", "noise"]
+
+
+class EvaluationSpec(Model):
+    teacher_steps: list[int] = Field(
+        description="DDIM step counts at which the (EMA) teacher is evaluated: the no-distillation row."
+    )
+    student_steps: list[int] = Field(
+        description="Student step counts evaluated for every method; each must be produced by its chain."
+    )
+    num_samples: int = Field(gt=1, description="Samples per FID (paper: 50k, D8).")
+    sample_seed_start: int = Field(
+        0, ge=0, description="Sample k uses seed sample_seed_start + k, independent of batch size (EDM)."
+    )
+    sample_batch_size: int = Field(
+        64, gt=0, le=64, description="Sampling chunk; CPUs fall off a memory cliff above 64 at 32×32."
+    )
+    feature_extractor: FeatureExtractor = Field(
+        description="FID features: `inception-v3-compat` (torch-fidelity standard, D8) or the quickstart's `digits-cnn`."
+    )
+    reference: Literal["train"] = Field(
+        "train", description="Reference set of FID: the training split (D8)."
+    )
+    calibration: list[Calibration] = Field(
+        default_factory=list,
+        description="Calibration rows: `heldout` (held-out vs training images, a floor), `noise` (Gaussian noise images, a ceiling).",
+    )
+
+    @field_validator("teacher_steps", "student_steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("list at least one step count")
+        if len(set(v)) != len(v):
+            raise ValueError("step counts repeat")
+        for s in v:
+            if s < 1:
+                raise ValueError(f"step count {s} must be >= 1")
+        return v
+
+
+class TableSpec(Model):
+    id: str = Field(description="Table id; the Markdown lands at results/tables/<id>.md.")
+    title: str = Field(description="Heading of the rendered table.")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return _check_name(v)
+
+
+class ReportedRow(Model):
+    """Numbers printed in a paper, with their source; `null` values carry the reason."""
+
+    system: str = Field(description="Row label, e.g. 'PD (Salimans & Ho)'.")
+    method: str | None = Field(None, description="Name of the spec method this row compares with, if any.")
+    source: str = Field(description="Paper, table and version the numbers come from.")
+    metric: Literal["fid"] = Field("fid", description="Metric of the values.")
+    values: dict[int, float | None] = Field(description="Steps → reported value; null when not transcribed.")
+    reason: str | None = Field(None, description="Why values are null (required if any is).")
+
+    @model_validator(mode="after")
+    def _null_needs_reason(self) -> "ReportedRow":
+        if any(v is None for v in self.values.values()) and not self.reason:
+            raise ValueError("a null reported value needs a `reason` (we never invent a number)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- spec
+
+
+class Spec(Model):
+    schema_version: Literal[1] = Field(description="Spec format version.")
+    name: str = Field(description="Spec id ([a-z0-9-]).")
+    description: str = Field("", description="What this experiment reproduces.")
+    pipeline: str = Field(
+        description="Folder of the generated dvc.yaml/params.yaml, relative to the repo root ('.' = root pipeline)."
+    )
+    seed: int = Field(ge=0, description="Seed of every training stage (sampling seeds are in `evaluation`).")
+    dataset: DatasetSpec = Field(description="Data and resolution.")
+    features: FeatureNetSpec | None = Field(
+        None, description="FID feature network trained by a stage (required when feature_extractor is digits-cnn)."
+    )
+    teacher: TeacherSpec = Field(description="The diffusion model every method distils.")
+    methods: list[Method] = Field(min_length=1, description="Distillation methods, one chain each.")
+    evaluation: EvaluationSpec = Field(description="FID protocol.")
+    table: TableSpec = Field(description="The rendered table.")
+    reported: list[ReportedRow] = Field(default_factory=list, description="Paper numbers shown beside ours.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v)
+
+    @field_validator("pipeline")
+    @classmethod
+    def _pipeline(cls, v: str) -> str:
+        parts = v.replace("\\", "/").split("/")
+        if v.startswith("/") or ".." in parts:
+            raise ValueError(f"{v!r} must be a relative path inside the repository")
+        return v
