@@ -72,7 +72,7 @@ class NpzImages(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1)
         if x.shape[0] == 1:
-            x = torch.cat([x, x // 2, x], 0)
+            x = x.repeat(3, 1, 1)
         return x.contiguous()
 
 
