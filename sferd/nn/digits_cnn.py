@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sferd.pipeline.artifacts import torch_save
+
 NUM_CLASSES = 10
 CONFIG_KEYS = ("resolution", "feature_dim", "width")
 
@@ -105,7 +107,7 @@ def save_digits_cnn(path: str | os.PathLike, model: DigitsCNN, *, config: dict[s
         raise ValueError(f"save_digits_cnn: config disagrees with the model (config, model): {wrong}")
     # Tensors are cloned to CPU so the file never records a device and loads under weights_only=True anywhere.
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "config": dict(config)}, os.fspath(path))
+    torch_save(path, {"state_dict": state, "config": dict(config)})  # atomic: never a half-written file
 
 
 def load_digits_cnn(path: str | os.PathLike) -> DigitsCNN:

@@ -9,8 +9,6 @@ The metrics file records which FID, on what, with which seeds — the number is 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from sferd.metrics import keys
@@ -62,16 +60,15 @@ def _noise_images(seeds: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def run(name: str, params: dict) -> None:
-    import torch
+    from sferd.metrics.fid import FeatureExtractorWeightsError, compute_fid, fid_provenance, resolve_feature_extractor_weights
 
-    from sferd.metrics.fid import compute_fid, fid_provenance
-
-    torch.manual_seed(0)
-    out = fresh_dir(params["outputs"]["dir"])
     weights = params["feature_weights"]
     extractor = params["feature_extractor"]
-    if extractor == "digits-cnn" and (weights is None or not Path(weights).is_file()):
-        raise StageError(f"feature-network weights {weights} are missing; run the features stage first")
+    try:  # before any sampling: a missing extractor must not cost a sampling run
+        resolve_feature_extractor_weights(extractor, weights)
+    except FeatureExtractorWeightsError as e:
+        raise StageError(str(e)) from e
+    out = fresh_dir(params["outputs"]["dir"])
     ref_path = params["reference"]["path"]
     ref = read_npz(ref_path)["images"]
 

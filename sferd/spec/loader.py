@@ -1,0 +1,424 @@
+"""Read spec YAML keeping line/column, and turn Pydantic errors into `file:line:col` issues.
+
+Why ruamel.yaml (round-trip mode) and not PyYAML:
+
+* YAML 1.2. PyYAML implements YAML 1.1, where `on`, `yes`, `off`, `no` are booleans (a dataset called
+  `no` or a flag written `on` silently changes type) and `1e-4` is a *string* because 1.1 floats need a
+  dot in the mantissa — exactly how learning rates are written. In 1.2 `1e-4` is a float and `on` a string.
+* Duplicate keys are errors. PyYAML keeps the last value without a word, so `lr:` written twice in a
+  method block would silently drop one of them.
+* Positions. The round-trip loader records the 0-based (line, column) of every key, value and sequence
+  item (`CommentedMap.lc`, `CommentedSeq.lc`), which is what lets a Pydantic error at
+  `('methods', 0, 'pd', 'lr')` be printed as `specs/x.yaml:14:7`.
+
+The round-trip document is used for positions only. Validation runs on a plain-Python copy
+(`to_plain`): ruamel's scalar subclasses are not always equivalent to the builtins they extend — an
+anchored `&a true` loads as `ScalarBoolean`, which is an `int` (strict Pydantic rejects it as a bool, lax
+Pydantic accepts it as the integer 1), and `Any`/`dict` fields would otherwise keep CommentedMap,
+ScalarFloat and friends inside the validated model, leaking YAML styling into whatever is dumped later.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import ConstructorError, DuplicateKeyError, RoundTripConstructor
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.scalarbool import ScalarBoolean
+
+__all__ = ["SpecIssue", "SpecError", "read_yaml", "locate", "load_model", "issue_at", "to_plain"]
+
+Loc = tuple[Any, ...]
+
+
+# --------------------------------------------------------------------------------------------- issues
+
+
+@dataclass(frozen=True, order=True)
+class SpecIssue:
+    """One located problem. Field order is the sort order: file, then line, then column."""
+
+    path: str
+    line: int
+    col: int
+    loc: str
+    message: str
+
+    def format(self) -> str:
+        # gcc-style "file:line:col: error: ..." so editors and CI log viewers make it clickable.
+        where = f"{self.loc}: " if self.loc else ""
+        return f"{self.path}:{self.line}:{self.col}: error: {where}{self.message}"
+
+
+class SpecError(Exception):
+    """Every problem found in one or more spec files; the CLI prints `issues`, never a traceback."""
+
+    def __init__(self, issues: Iterable[SpecIssue]):
+        self.issues: list[SpecIssue] = sorted(issues)
+        super().__init__("\n".join(i.format() for i in self.issues))
+
+    def __reduce__(self):
+        # The default reduce would call SpecError(message_string); keep the issues across pickling
+        # (multiprocessing, pytest-xdist).
+        return (type(self), (self.issues,))
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+class _Constructor(RoundTripConstructor):
+    """Round-trip constructor whose failures always carry a position.
+
+    Stock ruamel raises a bare ValueError/KeyError for scalars that match a type's pattern but not its
+    value range (`2024-13-45` as a timestamp, `!!int abc`, `!!bool maybe`) and silently wraps unknown
+    tags (`!foo`, `!!python/object`) in TaggedScalar objects that Pydantic then reports as a puzzling
+    type error. Both become located ConstructorErrors here.
+    """
+
+    def construct_non_recursive_object(self, node: Any, tag: str | None = None) -> Any:
+        try:
+            return super().construct_non_recursive_object(node, tag)
+        except YAMLError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure here comes from the user's text
+            raise ConstructorError(
+                None, None, f"cannot read {node.value!r} as {_short_tag(node.tag)}: {e}", node.start_mark
+            ) from e
+
+    def construct_unknown_tag(self, node: Any) -> Any:
+        raise ConstructorError(
+            None, None, f"unsupported YAML tag {_short_tag(node.tag)} (specs use plain YAML values)",
+            node.start_mark,
+        )
+
+
+# ruamel dispatches on a class-level table (the None entry handles unknown tags); add_constructor copies
+# the table for the subclass, so the stock RoundTripConstructor is left untouched.
+_Constructor.add_constructor(None, _Constructor.construct_unknown_tag)
+
+
+def _short_tag(tag: Any) -> str:
+    text = str(getattr(tag, "value", tag))
+    return "!!" + text[len("tag:yaml.org,2002:"):] if text.startswith("tag:yaml.org,2002:") else text
+
+
+_DIRECTIVE = re.compile(r"%YAML\s+(\S+)")
+
+
+def _version_issue(text: str, shown: str) -> SpecIssue | None:
+    """Reject a `%YAML 1.1` directive before parsing.
+
+    ruamel honours the directive: `on` becomes True again and `1e-4` triggers a warning on stderr. It
+    also leaks: the YAML object keeps version 1.1 for later loads. Specs promise 1.2 semantics, so a
+    document asking for anything else is an error. Directives can only precede the document, with
+    nothing but comments and blank lines between them, so scanning those lines is exact.
+    """
+    for n, line in enumerate(text.splitlines()):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if not line.startswith("%"):
+            return None
+        m = _DIRECTIVE.match(line)
+        if m and m.group(1) != "1.2":
+            return SpecIssue(
+                shown, n + 1, 1, "",
+                f"sferd specs are YAML 1.2 (`on` is a string, `1e-4` a float); remove `%YAML {m.group(1)}` "
+                "[yaml_version]",
+            )
+    return None
+
+
+def _yaml_error_issue(e: YAMLError, shown: str) -> SpecIssue:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+    if isinstance(e, DuplicateKeyError):
+        # problem_mark is the second occurrence; the text already quotes both values.
+        return SpecIssue(shown, line, col, "", f"{e.problem} [duplicate_key]")
+    problem = getattr(e, "problem", None)
+    context = getattr(e, "context", None)
+    cmark = getattr(e, "context_mark", None)
+    if problem is None:
+        return SpecIssue(shown, line, col, "", f"{context or str(e).strip()} [yaml_syntax]")
+    if problem == "but found another document":
+        return SpecIssue(shown, line, col, "", "a spec file holds one YAML document; found a second [yaml_syntax]")
+    kind = "yaml_value" if isinstance(e, ConstructorError) else "yaml_syntax"
+    msg = problem
+    if context and cmark is not None and (cmark.line, cmark.column) != (line - 1, col - 1):
+        # "expected ',' or ']'" alone does not say which bracket is unclosed; the context mark does.
+        msg += f" ({context} at {cmark.line + 1}:{cmark.column + 1})"
+    elif context:
+        msg += f" ({context})"
+    return SpecIssue(shown, line, col, "", f"{msg} [{kind}]")
+
+
+def read_yaml(path: str | Path, *, display_path: str | None = None) -> Any:
+    """Load one YAML document in round-trip mode; the result is a CommentedMap with positions.
+
+    Every problem that stops us from getting a top-level mapping raises SpecError with one issue.
+    """
+    shown = display_path if display_path is not None else str(path)
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise SpecError([SpecIssue(shown, 1, 1, "", "file not found [file_not_found]")]) from None
+    except OSError as e:
+        raise SpecError([SpecIssue(shown, 1, 1, "", f"cannot read file: {e.strerror or e} [os_error]")]) from None
+    try:
+        # utf-8-sig drops a BOM, which would otherwise shift every column of line 1.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start
+        line = data.count(b"\n", 0, start) + 1
+        col = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        raise SpecError([SpecIssue(shown, line, col, "", "file is not UTF-8 text [encoding]")]) from None
+
+    bad_version = _version_issue(text, shown)
+    if bad_version is not None:
+        raise SpecError([bad_version])
+
+    # A fresh YAML object per file: ruamel keeps a %YAML version across loads on the same instance.
+    yaml = YAML(typ="rt")
+    yaml.Constructor = _Constructor
+    yaml.allow_duplicate_keys = False  # the default, stated because the module's promise depends on it
+    try:
+        doc = yaml.load(text)
+    except YAMLError as e:
+        raise SpecError([_yaml_error_issue(e, shown)]) from None
+
+    if doc is None:
+        raise SpecError([SpecIssue(shown, 1, 1, "", "empty document: expected a mapping of spec fields [empty_document]")])
+    if not isinstance(doc, CommentedMap):
+        lc = getattr(doc, "lc", None)
+        line, col = (lc.line + 1, lc.col + 1) if lc is not None and lc.line is not None else (1, 1)
+        kind = "a list" if isinstance(doc, CommentedSeq) else f"a single {type(doc).__name__} value"
+        raise SpecError([SpecIssue(shown, line, col, "", f"the top level must be a mapping, not {kind} [not_a_mapping]")])
+    return doc
+
+
+def to_plain(node: Any, _memo: dict[int, Any] | None = None) -> Any:
+    """Deep copy of a round-trip document using only builtin types (dict, list, str, int, float, bool).
+
+    Aliases keep sharing one converted object (and cyclic aliases terminate) thanks to the memo.
+    Merge keys (`<<: *base`) are resolved, since CommentedMap.items() includes merged entries.
+    """
+    memo = {} if _memo is None else _memo
+    if id(node) in memo:
+        return memo[id(node)]
+    if isinstance(node, Mapping):
+        out: dict[Any, Any] = {}
+        memo[id(node)] = out
+        for k, v in node.items():
+            out[to_plain(k, memo)] = to_plain(v, memo)
+        return out
+    if isinstance(node, (list, CommentedSeq)):
+        seq: list[Any] = []
+        memo[id(node)] = seq
+        seq.extend(to_plain(v, memo) for v in node)
+        return seq
+    if isinstance(node, AbstractSet):  # !!set loads as CommentedSet
+        return {to_plain(v, memo) for v in node}
+    if isinstance(node, tuple):  # flow sequences used as keys load as tuples
+        return tuple(to_plain(v, memo) for v in node)
+    # Order matters: ScalarBoolean and bool are ints, and bool cannot be subclassed.
+    if isinstance(node, ScalarBoolean):
+        return bool(node)
+    if isinstance(node, bool) or node is None:
+        return node
+    if isinstance(node, int):
+        return int(node)
+    if isinstance(node, float):
+        return float(node)
+    if isinstance(node, str):
+        return str(node)
+    return node  # dates, timestamps, bytes: already usable as they are
+
+
+# ------------------------------------------------------------------------------------------ locating
+
+
+def _walk(doc: Any, loc: Loc) -> tuple[list[tuple[Any, Any]], list[bool], bool]:
+    """Follow `loc` through the document.
+
+    Returns the steps taken as (container, key-or-index) pairs, which loc parts matched, and whether
+    the loc asked for a mapping *key* (Pydantic's `[key]` marker after a dict-key error). Parts that are
+    not keys of the current mapping / indices of the current sequence are skipped: they are Pydantic's
+    own labels (discriminated-union tags such as 'pd', 'function-after[...]', union member names like
+    'int'), or a field the document does not contain (missing, or defaulted).
+    """
+    steps: list[tuple[Any, Any]] = []
+    matched: list[bool] = []
+    at_key = False
+    node = doc
+    for part in loc:
+        matched.append(False)
+        if part == "[key]" and steps:
+            at_key = True
+            continue
+        if isinstance(node, CommentedMap):
+            try:
+                found = part in node
+            except TypeError:  # unhashable part
+                found = False
+            if found:
+                steps.append((node, part))
+                matched[-1] = True
+                node = node[part]
+                continue
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and not isinstance(part, bool):
+            if 0 <= part < len(node):
+                steps.append((node, part))
+                matched[-1] = True
+                node = node[part]
+                continue
+    return steps, matched, at_key
+
+
+def _pos(container: Any, key: Any, which: str) -> tuple[int, int] | None:
+    """0-based position of a key ('key') or of its value ('value') in its container, if recorded.
+
+    Merged keys (`<<: *base`) and programmatically added entries have no record: None.
+    """
+    try:
+        if isinstance(container, CommentedSeq):
+            line, col = container.lc.item(key)
+        elif which == "key":
+            line, col = container.lc.key(key)
+        else:
+            line, col = container.lc.value(key)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    if line is None or col is None:
+        return None
+    return line, col
+
+
+def _first_key(node: CommentedMap) -> tuple[int, int] | None:
+    # lc.data is keyed in document order and holds only keys written in this mapping (not merged ones).
+    for entry in node.lc.data.values():
+        return entry[0], entry[1]
+    if node.lc.line is not None:
+        return node.lc.line, node.lc.col
+    return None
+
+
+def _resolve(doc: Any, loc: Loc, kind: str) -> tuple[int, int, list[bool]]:
+    """1-based (line, col) for an error of `kind` at `loc`, plus which loc parts exist in the document."""
+    steps, matched, at_key = _walk(doc, loc)
+    node = steps[-1][0][steps[-1][1]] if steps else doc
+
+    pos: tuple[int, int] | None = None
+    if kind == "missing":
+        # The field is absent, so point at whatever holds the mapping that lacks it.
+        if not steps:
+            return 1, 1, matched
+        pos = _pos(*steps[-1], "key")
+    elif steps and (kind == "extra_forbidden" or at_key):
+        pos = _pos(*steps[-1], "key")
+    elif isinstance(node, CommentedMap):
+        # An error on a whole mapping is a model/dict validator's verdict: point at its first key,
+        # the line where that block's content starts (for block mappings this is also lc.value).
+        pos = _first_key(node)
+    elif steps:
+        pos = _pos(*steps[-1], "value")
+
+    # Fall back to the nearest enclosing entry that has a recorded position.
+    i = len(steps) - 1
+    while pos is None and i >= 0:
+        pos = _pos(*steps[i], "key" if i < len(steps) - 1 else "value")
+        i -= 1
+    if pos is None:
+        return 1, 1, matched
+    return pos[0] + 1, pos[1] + 1, matched
+
+
+def locate(doc: Any, loc: tuple[str | int, ...], *, kind: str) -> tuple[int, int]:
+    """Map a Pydantic error `loc` of error type `kind` to a 1-based (line, col) in the round-trip document.
+
+    * extra_forbidden: the offending key;
+    * missing: the key (or list item) holding the mapping that lacks the field; 1:1 at top level;
+    * anything else: the value (a mapping's first key for errors on a whole mapping, e.g. model validators).
+    """
+    line, col, _ = _resolve(doc, tuple(loc), kind)
+    return line, col
+
+
+def _dotted(parts: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in parts)
+
+
+def issue_at(doc: Any, loc: tuple, message: str, *, path: str, kind: str = "value_error") -> SpecIssue:
+    """An issue for a rule checked outside Pydantic, located like a Pydantic error.
+
+    `loc` is printed as given: callers pass real field paths, and a field that is not written in the
+    file (a default) must still be named; its position falls back to the enclosing block.
+    """
+    line, col, _ = _resolve(doc, tuple(loc), kind)
+    return SpecIssue(path, line, col, _dotted(loc), message)
+
+
+# -------------------------------------------------------------------------------------------- models
+
+
+def _discriminator_field(err: Mapping[str, Any]) -> str | None:
+    """Field name of a discriminated union from Pydantic's ctx (`"'kind'"`); None for callable ones."""
+    text = str((err.get("ctx") or {}).get("discriminator", ""))
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        return text[1:-1]
+    return None
+
+
+def _issue_from_error(doc: Any, err: Mapping[str, Any], shown: str) -> SpecIssue:
+    loc: Loc = tuple(err["loc"])
+    kind: str = err["type"]
+    message = f"{err['msg']} [{kind}]"
+
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        # Pydantic reports these at the list item; the user has to fix the discriminator field itself,
+        # so name it: a bad value points at the value, an absent one is reported like a missing field.
+        field = _discriminator_field(err)
+        steps, _, _ = _walk(doc, loc)
+        node = steps[-1][0][steps[-1][1]] if steps else doc
+        if field is not None and isinstance(node, CommentedMap):
+            if kind == "union_tag_invalid" and field in node:
+                loc, kind = loc + (field,), "value_error"
+            elif kind == "union_tag_not_found" and field not in node:
+                loc, kind = loc + (field,), "missing"
+
+    line, col, matched = _resolve(doc, loc, kind)
+    last = len(loc) - 1
+    shown_loc = [
+        part for i, part in enumerate(loc)
+        if matched[i]
+        # The missing field is not in the document, so _walk skipped it; it is the point of the message.
+        or (i == last and kind == "missing")
+        # Keep Pydantic's marker: "updates_override.a.[key]" says the key, not its value, is wrong.
+        or (i == last and part == "[key]")
+    ]
+    return SpecIssue(shown, line, col, _dotted(shown_loc), message)
+
+
+def load_model(
+    path: str | Path,
+    model: type[BaseModel],
+    *,
+    display_path: str | None = None,
+    context: dict | None = None,
+) -> BaseModel:
+    """Read `path` and validate it as `model`; raise SpecError with one located issue per Pydantic error."""
+    shown = display_path if display_path is not None else str(path)
+    doc = read_yaml(path, display_path=shown)
+    try:
+        return model.model_validate(to_plain(doc), context=context)
+    except ValidationError as e:
+        errors = e.errors(include_url=False, include_input=False)
+        raise SpecError(_issue_from_error(doc, err, shown) for err in errors) from None
