@@ -20,6 +20,11 @@ from sferd.pipeline.artifacts import torch_load, torch_save
 from sferd.pipeline.errors import StageError
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch's global RNG (dropout); data and noise use their own seeded generators."""
+    torch.manual_seed(seed)
+
+
 class EMA:
     """Exponential moving average of parameters (buffers copied). The EMA weights are what PD distils."""
 

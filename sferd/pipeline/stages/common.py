@@ -8,14 +8,6 @@ import sferd
 from sferd.pipeline.artifacts import check_model_config, producer_of, torch_load
 
 
-def seed_everything(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
-    # Deterministic CPU results need a fixed thread count as well as fixed seeds.
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-
-
 def checkpoint_payload(model, params: dict[str, Any], *, weights: str) -> dict[str, Any]:
     """What `model.pt` holds: tensors + the resolved config + package version (no pickled code)."""
     return {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sferd.pipeline.artifacts import read_npz, torch_save, write_json
 from sferd.pipeline.errors import StageError
-from sferd.pipeline.stages.common import checkpoint_payload, load_model, seed_everything, training_labels
+from sferd.pipeline.stages.common import checkpoint_payload, load_model, training_labels
 
 
 def run(name: str, params: dict) -> None:
@@ -19,7 +19,7 @@ def run(name: str, params: dict) -> None:
     from sferd.data.arrays import BatchSampler, to_model_range
     from sferd.diffusion.denoiser import NetworkDenoiser
     from sferd.methods.pd import pd_loss
-    from sferd.methods.training import linear_to_zero, train_loop
+    from sferd.methods.training import linear_to_zero, seed_everything, train_loop
     from sferd.nn.build import build_unet
 
     if params["method"] != "pd":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sferd.pipeline.artifacts import read_npz, torch_save, write_json
-from sferd.pipeline.stages.common import checkpoint_payload, seed_everything, training_labels
+from sferd.pipeline.stages.common import checkpoint_payload, training_labels
 
 
 def run(name: str, params: dict) -> None:
@@ -14,7 +14,7 @@ def run(name: str, params: dict) -> None:
     from sferd.data.arrays import BatchSampler, to_model_range
     from sferd.diffusion.denoiser import NetworkDenoiser
     from sferd.methods.teacher import teacher_loss
-    from sferd.methods.training import EMA, train_loop, warmup_constant
+    from sferd.methods.training import EMA, seed_everything, train_loop, warmup_constant
     from sferd.nn.build import build_unet
 
     tr = params["training"]

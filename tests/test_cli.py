@@ -1,0 +1,114 @@
+"""`sferd-spec` through its real entry point: exit codes, located errors, no torch on the fast path."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sferd.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+INVALID = sorted((ROOT / "tests/specs/invalid").glob("*.yaml"))
+runner = CliRunner()
+
+
+def _expectation(path: Path) -> tuple[int, int, str]:
+    m = re.match(r"# expect: (\d+):(\d+) (.+)\n", path.read_text(encoding="utf-8"))
+    assert m, f"{path.name} needs a leading '# expect: LINE:COL TEXT' comment"
+    return int(m[1]), int(m[2]), m[3]
+
+
+@pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_spec_fixture(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    line, col, text = _expectation(path)
+    rel = path.relative_to(ROOT).as_posix()
+    r = runner.invoke(app, ["validate", rel])
+    assert r.exit_code == 1, r.output
+    errors = [ln for ln in r.stderr.splitlines() if ": error: " in ln]
+    assert len(errors) == 1, r.stderr
+    assert errors[0].startswith(f"{rel}:{line}:{col}: error: "), errors[0]
+    assert text in errors[0]
+    assert "Traceback" not in r.output
+
+
+def test_valid_spec_summary(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    r = runner.invoke(app, ["validate", "specs/quickstart.yaml"])
+    assert r.exit_code == 0, r.output
+    assert "ok" in r.stdout and "21 stages" in r.stdout
+
+
+def test_validate_json(monkeypatch):
+    import json
+
+    monkeypatch.chdir(ROOT)
+    r = runner.invoke(app, ["validate", "--format", "json", "specs/quickstart.yaml", "tests/specs/invalid/bad-enum.yaml"])
+    assert r.exit_code == 1
+    data = json.loads(r.stdout)
+    assert [d["valid"] for d in data] == [True, False]
+
+
+def test_usage_errors_exit_2():
+    assert runner.invoke(app, ["validate"]).exit_code == 2
+    assert runner.invoke(app, ["frobnicate"]).exit_code == 2
+    assert runner.invoke(app, ["validate", "--format", "xml", "specs/quickstart.yaml"]).exit_code == 2
+
+
+def test_missing_file_is_located_error(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    r = runner.invoke(app, ["validate", "nope/absent.yaml"])
+    assert r.exit_code == 1
+    assert r.stderr.startswith("nope/absent.yaml:1:1: error:")
+
+
+def test_plan_lists_stages_in_order(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    r = runner.invoke(app, ["plan", "specs/quickstart.yaml"])
+    assert r.exit_code == 0, r.output
+    names = re.findall(r"^\s*\d+\. (\S+)", r.stdout, flags=re.M)
+    assert names[0] == "digits-data" and names[-1] == "quickstart-render"
+    assert names.index("digits-teacher") < names.index("digits-pd-s0032") < names.index("digits-pd-s0001")
+    assert "image forward passes" in r.stdout
+
+
+def test_render_marks_missing_cells(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    spec = tmp_path / "q.yaml"
+    spec.write_text((ROOT / "specs/quickstart.yaml").read_text().replace("id: quickstart", "id: nothing-run-yet"))
+    r = runner.invoke(app, ["render", str(spec)])
+    assert r.exit_code == 0, r.output
+    # nothing ran under these names: every cell is marked, none hidden
+    assert r.stdout.count("missing") >= 10 and "| PD |" in r.stdout
+
+
+def test_compile_check_detects_stale(tmp_path, monkeypatch):
+    """--check writes nothing, exits 1 and prints a diff when generated files differ."""
+    import shutil
+
+    shutil.copytree(ROOT / "sferd", tmp_path / "sferd", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "specs", tmp_path / "specs")
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["compile", "--check"])
+    assert r.exit_code == 1 and "+++ b/dvc.yaml" in r.stdout
+    assert not (tmp_path / "dvc.yaml").exists()
+    assert runner.invoke(app, ["compile"]).exit_code == 0
+    assert runner.invoke(app, ["compile", "--check"]).exit_code == 0
+    (tmp_path / "params.yaml").write_text((tmp_path / "params.yaml").read_text().replace("updates: 400", "updates: 401", 1))
+    r = runner.invoke(app, ["compile", "--check"])
+    assert r.exit_code == 1 and "-    updates: 401" in r.stdout
+
+
+def test_validate_and_compile_do_not_import_torch():
+    code = (
+        "import sys; from sferd.cli import app\n"
+        "try:\n    app(['validate', 'specs/quickstart.yaml'])\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "try:\n    app(['compile', '--check'])\nexcept SystemExit as e:\n    pass\n"
+        "bad = [m for m in ('torch', 'torch_fidelity', 'torchvision', 'dvc') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
