@@ -39,7 +39,7 @@ def test_valid_spec_summary(monkeypatch):
     monkeypatch.chdir(ROOT)
     r = runner.invoke(app, ["validate", "specs/quickstart.yaml"])
     assert r.exit_code == 0, r.output
-    assert "ok" in r.stdout and "21 stages" in r.stdout
+    assert "ok" in r.stdout and "20 stages" in r.stdout
 
 
 def test_validate_json(monkeypatch):
@@ -71,18 +71,19 @@ def test_plan_lists_stages_in_order(monkeypatch):
     assert r.exit_code == 0, r.output
     names = re.findall(r"^\s*\d+\. (\S+)", r.stdout, flags=re.M)
     assert names[0] == "digits-data" and names[-1] == "quickstart-render"
-    assert names.index("digits-teacher") < names.index("digits-pd-s0032") < names.index("digits-pd-s0001")
+    assert names.index("digits-teacher") < names.index("digits-pd-s0016") < names.index("digits-pd-s0001")
     assert "image forward passes" in r.stdout
 
 
 def test_render_marks_missing_cells(monkeypatch, tmp_path):
-    monkeypatch.chdir(ROOT)
-    spec = tmp_path / "q.yaml"
-    spec.write_text((ROOT / "specs/quickstart.yaml").read_text().replace("id: quickstart", "id: nothing-run-yet"))
-    r = runner.invoke(app, ["render", str(spec)])
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs/q.yaml").write_text((ROOT / "specs/quickstart.yaml").read_text())
+    monkeypatch.chdir(tmp_path)  # no results/ here: nothing has run
+    r = runner.invoke(app, ["render", "specs/q.yaml"])
     assert r.exit_code == 0, r.output
-    # nothing ran under these names: every cell is marked, none hidden
-    assert r.stdout.count("missing") >= 10 and "| PD |" in r.stdout
+    # 5 teacher + 4 PD cells + 2 calibration rows (FID and sample count each): marked, none hidden
+    assert r.stdout.count(" missing |") == 5 + 4 + 2 * 2, r.stdout
+    assert "| PD |" in r.stdout and "cells measured: 0/11" in r.stdout
 
 
 def test_compile_check_detects_stale(tmp_path, monkeypatch):
@@ -97,9 +98,11 @@ def test_compile_check_detects_stale(tmp_path, monkeypatch):
     assert not (tmp_path / "dvc.yaml").exists()
     assert runner.invoke(app, ["compile"]).exit_code == 0
     assert runner.invoke(app, ["compile", "--check"]).exit_code == 0
-    (tmp_path / "params.yaml").write_text((tmp_path / "params.yaml").read_text().replace("updates: 400", "updates: 401", 1))
+    params = (tmp_path / "params.yaml").read_text()
+    n = int(re.search(r"updates: (\d+)", params)[1])
+    (tmp_path / "params.yaml").write_text(re.sub(r"updates: \d+", f"updates: {n + 1}", params, count=1))
     r = runner.invoke(app, ["compile", "--check"])
-    assert r.exit_code == 1 and "-    updates: 401" in r.stdout
+    assert r.exit_code == 1 and f"-    updates: {n + 1}" in r.stdout and f"+    updates: {n}" in r.stdout
 
 
 def test_validate_and_compile_do_not_import_torch():

@@ -61,7 +61,7 @@ def test_expected_stage_list():
     names = [s.name for s in stages]
     assert names[:3] == ["digits-data", "digits-features", "digits-teacher"]
     chain = [n for n in names if re.fullmatch(r"digits-pd-s\d{4}", n)]
-    assert chain == ["digits-pd-s0032", "digits-pd-s0016", "digits-pd-s0008", "digits-pd-s0004", "digits-pd-s0002", "digits-pd-s0001"]
+    assert chain == ["digits-pd-s0016", "digits-pd-s0008", "digits-pd-s0004", "digits-pd-s0002", "digits-pd-s0001"]
     for k in (1, 2, 4, 8):
         assert f"digits-pd-s{k:04d}-fid" in names
     assert "digits-heldout-fid" in names and "digits-noise-fid" in names
@@ -85,7 +85,8 @@ def test_code_deps_are_specific():
 def test_pd_param_change_touches_only_pd_sections(tmp_path):
     src = (ROOT / "specs/quickstart.yaml").read_text()
     changed = tmp_path / "q.yaml"
-    changed.write_text(src.replace("    lr: 2.0e-4", "    lr: 3.0e-4"))
+    assert src.count("    lr: 1.0e-4\n") == 1  # the PD block's learning rate (4-space indent)
+    changed.write_text(src.replace("    lr: 1.0e-4\n", "    lr: 3.0e-4\n"))
     base = {s.name: s.params for s in build_graph(load_spec(ROOT / "specs/quickstart.yaml"), spec_path="specs/quickstart.yaml")}
     new = {s.name: s.params for s in build_graph(load_spec(changed), spec_path="specs/quickstart.yaml")}
     differ = sorted(n for n in base if base[n] != new[n])

@@ -40,7 +40,8 @@ def repo(tmp_path_factory):
 def test_repro_produces_table_and_metrics(repo):
     d, r = repo
     table = (d / "results/tables/tiny.md").read_text()
-    assert "| PD |" in table and "Teacher (DDIM" in table and "missing" not in table
+    assert "| PD |" in table and "Teacher (DDIM" in table and " missing |" not in table
+    assert "cells measured: 5/5" in table
     fids = {}
     for name in ["digits-teacher-s0002-fid", "digits-pd-s0001-fid", "digits-pd-s0002-fid", "digits-heldout-fid", "digits-noise-fid"]:
         m = json.loads((d / f"results/metrics/{name}.json").read_text())

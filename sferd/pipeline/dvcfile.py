@@ -25,9 +25,13 @@ class CompileError(Exception):
     pass
 
 
+# Non-Python files a stage kind reads (templates), which the import scan cannot see.
+DATA_DEPS: dict[str, tuple[str, ...]] = {"render": ("sferd/report/templates/table.md.j2",)}
+
+
 def stage_code(root: str, kind: str) -> tuple[str, ...]:
     files = set(module_closure(root, RUNNER)) | set(module_closure(root, f"sferd.pipeline.stages.{kind}"))
-    return tuple(sorted(files))
+    return tuple(sorted(files | set(DATA_DEPS.get(kind, ()))))
 
 
 def dvc_documents(stages: list[Stage], *, pipeline: str, root: str) -> tuple[dict[str, Any], dict[str, Any]]:
