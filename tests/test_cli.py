@@ -39,7 +39,12 @@ def test_valid_spec_summary(monkeypatch):
     monkeypatch.chdir(ROOT)
     r = runner.invoke(app, ["validate", "specs/quickstart.yaml"])
     assert r.exit_code == 0, r.output
-    assert "ok" in r.stdout and "20 stages" in r.stdout
+    from sferd.pipeline.graph import build_graph
+    from sferd.spec import load_spec
+
+    n = len(build_graph(load_spec(ROOT / "specs/quickstart.yaml"), spec_path="specs/quickstart.yaml"))
+    assert "ok" in r.stdout and f"{n} stages" in r.stdout
+    assert "methods pd, sferd, sferd-ag, sferd-sgp" in r.stdout
 
 
 def test_validate_json(monkeypatch):
@@ -81,9 +86,16 @@ def test_render_marks_missing_cells(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no results/ here: nothing has run
     r = runner.invoke(app, ["render", "specs/q.yaml"])
     assert r.exit_code == 0, r.output
-    # 5 teacher + 4 PD cells + 2 calibration rows (FID and sample count each): marked, none hidden
-    assert r.stdout.count(" missing |") == 5 + 4 + 2 * 2, r.stdout
-    assert "| PD |" in r.stdout and "cells measured: 0/11" in r.stdout
+    from sferd.spec import load_spec
+
+    spec = load_spec(ROOT / "specs/quickstart.yaml")
+    ev = spec.evaluation
+    cells = len(ev.teacher_steps) + len(spec.methods) * len(ev.student_steps)
+    # teacher and method cells + 2 calibration rows (FID and sample count each): marked, none hidden
+    assert r.stdout.count(" missing |") == cells + 2 * 2, r.stdout
+    assert f"cells measured: 0/{cells + 2}" in r.stdout
+    for m in spec.methods:
+        assert f"| {m.label} |" in r.stdout
 
 
 def test_compile_check_detects_stale(tmp_path, monkeypatch):

@@ -59,13 +59,42 @@ def test_stage_graph_is_closed_and_well_named():
 def test_expected_stage_list():
     _, stages, _ = _compile("specs/quickstart.yaml")
     names = [s.name for s in stages]
+    kinds = {s.name: s.kind for s in stages}
     assert names[:3] == ["digits-data", "digits-features", "digits-teacher"]
-    chain = [n for n in names if re.fullmatch(r"digits-pd-s\d{4}", n)]
-    assert chain == ["digits-pd-s0016", "digits-pd-s0008", "digits-pd-s0004", "digits-pd-s0002", "digits-pd-s0001"]
+    halvings = [f"s{k:04d}" for k in (16, 8, 4, 2, 1)]
+    # two chains: PD (shared by the predictor-only row) and guided SFERD-PD (shared by the guidance-only row)
+    assert [n for n in names if re.fullmatch(r"digits-pd-s\d{4}", n)] == [f"digits-pd-{h}" for h in halvings]
+    assert [n for n in names if re.fullmatch(r"digits-sferd-s\d{4}", n)] == [f"digits-sferd-{h}" for h in halvings]
+    assert not any(re.fullmatch(r"digits-sferd-(ag|sgp)-s\d{4}", n) for n in names)
     for k in (1, 2, 4, 8):
-        assert f"digits-pd-s{k:04d}-fid" in names
+        for method in ("sferd", "sferd-sgp"):  # the rows with a predictor: stage (b) then (c) per evaluated K
+            pred, prior = f"digits-{method}-s{k:04d}-predictor", f"digits-{method}-s{k:04d}-prior"
+            assert kinds[pred] == "predictor" and kinds[prior] == "prior"
+            assert names.index(pred) < names.index(prior) < names.index(f"digits-{method}-s{k:04d}-fid")
+            assert kinds[f"digits-{method}-s{k:04d}-fid"] == "fid_sferd"
+        for method in ("pd", "sferd-ag"):
+            assert kinds[f"digits-{method}-s{k:04d}-fid"] == "fid"
+    assert not any(n.startswith(("digits-pd-s0001-pre", "digits-sferd-ag-s0001-pre")) for n in names)
     assert "digits-heldout-fid" in names and "digits-noise-fid" in names
     assert names[-1] == "quickstart-render"
+
+
+def test_sferd_stages_are_wired_to_the_right_chain():
+    """Stage (b) trains on the frozen S_K with T_2K as teacher: the guided chain for SFERD, the PD chain with a
+    plain teacher for the predictor-only row; T_2K of the first halving's student is the original teacher."""
+    _, stages, _ = _compile("specs/quickstart.yaml")
+    by = {s.name: s.params for s in stages}
+    full = by["digits-sferd-s0004-predictor"]
+    assert full["student"]["checkpoint"] == "results/digits-sferd-s0004/model.pt"
+    assert full["teacher"]["checkpoint"] == "results/digits-sferd-s0008/model.pt"
+    assert full["guidance"] is not None
+    sgp = by["digits-sferd-sgp-s0004-predictor"]
+    assert sgp["student"]["checkpoint"] == "results/digits-pd-s0004/model.pt"
+    assert sgp["teacher"]["checkpoint"] == "results/digits-pd-s0008/model.pt"
+    assert sgp["guidance"] is None
+    assert by["digits-sferd-s0016"]["guidance"] is not None and by["digits-pd-s0016"]["guidance"] is None
+    ag_fid = by["digits-sferd-ag-s0002-fid"]["source"]
+    assert ag_fid["checkpoint"] == "results/digits-sferd-s0002/model.pt"
 
 
 def test_code_deps_are_specific():
@@ -83,11 +112,19 @@ def test_code_deps_are_specific():
 
 
 def test_pd_param_change_touches_only_pd_sections(tmp_path):
+    """A learning rate given on the PD block alone (overriding the shared anchor) re-parameterises the PD
+    halvings and nothing upstream or in the guided chain."""
     src = (ROOT / "specs/quickstart.yaml").read_text()
     changed = tmp_path / "q.yaml"
-    assert src.count("    lr: 1.0e-4\n") == 1  # the PD block's learning rate (4-space indent)
-    changed.write_text(src.replace("    lr: 1.0e-4\n", "    lr: 3.0e-4\n"))
+    anchor = "    label: PD\n"
+    assert src.count(anchor) == 1
+    changed.write_text(src.replace(anchor, anchor + "    lr: 3.0e-4\n"))
     base = {s.name: s.params for s in build_graph(load_spec(ROOT / "specs/quickstart.yaml"), spec_path="specs/quickstart.yaml")}
     new = {s.name: s.params for s in build_graph(load_spec(changed), spec_path="specs/quickstart.yaml")}
-    differ = sorted(n for n in base if base[n] != new[n])
-    assert differ == sorted(n for n in base if re.fullmatch(r"digits-pd-s\d{4}", n))
+    differ = {n for n in base if n in new and base[n] != new[n]}
+    pd_chain = {n for n in base if re.fullmatch(r"digits-pd-s\d{4}", n)}
+    assert pd_chain <= differ
+    untouched = {n for n in base if re.fullmatch(r"digits-(data|features|teacher|sferd-s\d{4}.*|sferd-ag-.*|teacher-.*)", n)}
+    assert untouched and not (differ & untouched), sorted(differ & untouched)
+    # the predictor-only row no longer shares the PD chain: it gets its own halvings
+    assert "digits-sferd-sgp-s0001" in new and "digits-sferd-sgp-s0001" not in base

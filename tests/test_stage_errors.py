@@ -24,7 +24,7 @@ def _params(tmp_path, stages):
 
 def _distill_params(ckpt, teacher_model):
     return {
-        "kind": "distill", "method": "pd", "seed": 0,
+        "kind": "distill", "guidance": None, "seed": 0,
         "dataset": {"id": "digits-8x8", "heldout_fraction": 0.2, "split_seed": 0, "random_flip": False},
         "student_steps": 2,
         "teacher": {"checkpoint": ckpt, "model": teacher_model, "is_original_teacher": True},

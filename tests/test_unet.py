@@ -375,3 +375,20 @@ def test_resblock_matches_its_definition(resample):
         h = block.conv2(F.silu(h))
         expected = block.skip(rs(x)) + h  # no 1/sqrt(2) rescale of the residual sum
         assert torch.allclose(block(x, emb), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "resolution, mult, blocks, attn",
+    [(8, [1, 2], 1, [4]), (32, [1, 1, 1], 3, [16, 8]), (64, [1, 2, 3, 4], 3, [32, 16, 8]), (16, [1, 2], 2, [])],
+)
+def test_spec_checker_mirrors_the_network_attention_blocks(resolution, mult, blocks, attn):
+    """The validator lists attention blocks without torch; it must agree with the network it validates for."""
+    from sferd.spec.checks import attention_blocks
+    from sferd.spec.models import UNetSpec
+
+    spec = UNetSpec(base_channels=32, channel_mult=mult, num_res_blocks=blocks, attention_resolutions=attn)
+    cfg = UNetConfig(3, 3, resolution, 32, tuple(mult), blocks, tuple(attn))
+    assert attention_blocks(spec, resolution) == cfg.attention_blocks()
+    net = UNet(cfg)
+    built = [m.key for m in net.modules() if hasattr(m, "key") and m.__class__.__name__ == "AttentionBlock"]
+    assert sorted(built) == sorted(cfg.attention_blocks())  # the blocks the network really has

@@ -49,12 +49,20 @@ def ddim_sample(
     raise AssertionError("unreachable")
 
 
-def per_sample_noise(seeds: np.ndarray | list[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """x_1 for each sample from its own seed, so a sample does not depend on batch size or sharding."""
+NOISE_STREAMS = {"image": 0, "latent": 1}
+
+
+def per_sample_noise(seeds: np.ndarray | list[int], shape: tuple[int, ...], *, stream: str = "image") -> torch.Tensor:
+    """Noise for each sample from its own seed, so a sample does not depend on batch size or sharding.
+
+    Independent streams per seed (the image's x_1, SFERD's latent z_T) come from distinct generator seeds
+    16·seed + stream, so no two (sample, stream) pairs share a generator.
+    """
     out = torch.empty((len(seeds),) + tuple(shape))
     g = torch.Generator()
+    offset = NOISE_STREAMS[stream]
     for k, seed in enumerate(seeds):
-        g.manual_seed(int(seed))
+        g.manual_seed(16 * int(seed) + offset)
         out[k] = torch.randn(shape, generator=g)
     return out
 

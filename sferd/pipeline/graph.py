@@ -11,10 +11,11 @@ writes (deterministic, derived from the stage name), and an estimate of its work
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sferd.spec.models import PDMethod, Spec
+from sferd.spec.models import PDMethod, PredictorSpec, SferdPDMethod, Spec
 
 RESULTS = "results"
 METRICS_DIR = f"{RESULTS}/metrics"
@@ -135,10 +136,90 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
         )
     )
 
-    # ---- distillation chains
+    # ---- distillation chains: methods whose chains are identical (same guidance, same training) share one
+    # set of stages, named after the first method that needs it (e.g. PD and "SFERD, predictor only").
+    chain_of: dict[str, str] = {}  # method name → chain name
+    known: dict[str, str] = {}  # canonical chain params → chain name
     for method in spec.methods:
-        if isinstance(method, PDMethod):
-            stages.extend(_pd_chain(spec, method, teacher_dir, teacher_model, student_model, train_npz))
+        guidance = method.guidance.model_dump(mode="json") if method.guidance is not None else None
+        key = json.dumps({"chain": method.chain_params(), "guidance": guidance}, sort_keys=True)
+        if key not in known:
+            known[key] = method.name
+            stages.extend(_chain(spec, method, guidance, teacher_dir, teacher_model, student_model, train_npz))
+        chain_of[method.name] = known[key]
+
+    def student_dir(method, steps: int) -> str:
+        return stage_dir(f"{p}-{chain_of[method.name]}-{steps_tag(steps)}")
+
+    def teacher_of(method, steps: int) -> tuple[str, dict[str, Any]]:
+        """T_2K: the chain's previous student, or the original teacher at the chain start."""
+        if 2 * steps == method.start_steps:
+            return teacher_dir, teacher_model
+        return student_dir(method, 2 * steps), student_model
+
+    # ---- SFERD stages (b) predictor and (c) latent prior, per evaluated student (D5)
+    sferd_ckpts: dict[tuple[str, int], tuple[str, str]] = {}
+    for method in spec.methods:
+        if not isinstance(method, SferdPDMethod) or method.predictor is None:
+            continue
+        pred, prior = method.predictor, method.prior
+        assert prior is not None  # validated
+        encoder = encoder_config(spec.dataset.resolution, spec.dataset.channels, pred)
+        for steps in spec.evaluation.student_steps:
+            pred_name = f"{p}-{method.name}-{steps_tag(steps)}-predictor"
+            prior_name = f"{p}-{method.name}-{steps_tag(steps)}-prior"
+            pred_dir, prior_dir = stage_dir(pred_name), stage_dir(prior_name)
+            t_dir, t_model = teacher_of(method, steps)
+            s_dir = student_dir(method, steps)
+            teacher_passes = 4 if method.guidance is not None else 2
+            stages.append(
+                Stage(
+                    name=pred_name,
+                    kind="predictor",
+                    params={
+                        "kind": "predictor",
+                        "seed": spec.seed,
+                        "dataset": ds,
+                        "student_steps": steps,
+                        "student": {"checkpoint": f"{s_dir}/model.pt", "model": student_model},
+                        "teacher": {"checkpoint": f"{t_dir}/model.pt", "model": t_model},
+                        "guidance": method.guidance.model_dump(mode="json") if method.guidance is not None else None,
+                        "parameterization": t.parameterization,
+                        "loss_weighting": t.loss_weighting,
+                        "encoder": encoder,
+                        "predictor": pred.model_dump(mode="json"),
+                        "inputs": {"train": train_npz},
+                        "outputs": {"dir": pred_dir, "metrics": metrics_path(pred_name)},
+                    },
+                    deps=(data_dir, s_dir, t_dir),
+                    outs=(pred_dir,),
+                    persist=True,
+                    metrics=(metrics_path(pred_name),),
+                    cost={"forward_passes": float((teacher_passes + 4) * pred.updates * pred.batch_size)},
+                )
+            )
+            stages.append(
+                Stage(
+                    name=prior_name,
+                    kind="prior",
+                    params={
+                        "kind": "prior",
+                        "seed": spec.seed,
+                        "dataset": ds,
+                        "predictor": {"checkpoint": f"{pred_dir}/predictor.pt", "encoder": encoder},
+                        "num_classes": student_model["num_classes"],
+                        "prior": prior.model_dump(mode="json"),
+                        "inputs": {"train": train_npz},
+                        "outputs": {"dir": prior_dir, "metrics": metrics_path(prior_name)},
+                    },
+                    deps=(data_dir, pred_dir),
+                    outs=(prior_dir,),
+                    persist=True,
+                    metrics=(metrics_path(prior_name),),
+                    cost={"mlp_passes": float(3 * prior.updates * prior.batch_size)},
+                )
+            )
+            sferd_ckpts[(method.name, steps)] = (pred_dir, prior_dir)
 
     # ---- FID
     ev = spec.evaluation
@@ -155,12 +236,13 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
 
     def add_fid(name: str, row: str, label: str, steps: int | None, source: dict[str, Any], deps: tuple[str, ...], nfe_per_sample: int) -> None:
         out_dir = stage_dir(name)
+        kind = "fid_sferd" if source["kind"] == "sferd" else "fid"
         stages.append(
             Stage(
                 name=name,
-                kind="fid",
+                kind=kind,
                 params={
-                    "kind": "fid",
+                    "kind": kind,
                     "spec": spec_path,
                     "row": row,
                     "steps": steps,
@@ -185,13 +267,26 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
         )
     for method in spec.methods:
         for steps in ev.student_steps:
-            ckpt_dir = stage_dir(f"{p}-{method.name}-{steps_tag(steps)}")
-            add_fid(
-                f"{p}-{method.name}-{steps_tag(steps)}-fid", method.name, method.label, steps,
-                {"kind": "model", "checkpoint": f"{ckpt_dir}/model.pt", "model": student_model,
-                 "parameterization": t.parameterization},
-                (ckpt_dir,), steps,
-            )
+            ckpt_dir = student_dir(method, steps)
+            source: dict[str, Any] = {"kind": "model", "checkpoint": f"{ckpt_dir}/model.pt", "model": student_model,
+                                      "parameterization": t.parameterization}
+            deps: tuple[str, ...] = (ckpt_dir,)
+            nfe = steps
+            if (method.name, steps) in sferd_ckpts:
+                pred_dir, prior_dir = sferd_ckpts[(method.name, steps)]
+                pred, prior = method.predictor, method.prior
+                source = {
+                    **source,
+                    "kind": "sferd",
+                    "predictor": {"checkpoint": f"{pred_dir}/predictor.pt", "latent_dim": pred.latent_dim,
+                                  "init_from_student": pred.init_from_student,
+                                  "shift_cutoff_fraction": pred.shift_cutoff_fraction},
+                    "prior": {"checkpoint": f"{prior_dir}/prior.pt", "sampling_steps": prior.sampling_steps,
+                              "clip_noise": prior.clip_noise, "clip_x0": prior.clip_x0},
+                }
+                deps = (ckpt_dir, pred_dir, prior_dir)
+                nfe = 2 * steps  # student + predictor branch (about one decoder pass) per step, upper bound
+            add_fid(f"{p}-{method.name}-{steps_tag(steps)}-fid", method.name, method.label, steps, source, deps, nfe)
     for cal in ev.calibration:
         if cal == "heldout":
             add_fid(f"{p}-heldout-fid", "heldout", "Held-out data (floor)", None,
@@ -224,9 +319,26 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     return stages
 
 
-def _pd_chain(
+def encoder_config(resolution: int, channels: int, pred: PredictorSpec) -> dict[str, Any]:
+    """Resolved semantic-encoder architecture (sferd-method.md §7, D13): stride-2 convs down to 4×4, one
+    attention block on the 16×16 map when there is one."""
+    convs = list(pred.encoder_channels) if pred.encoder_channels is not None else list(ENCODER_CHANNELS[resolution])
+    sizes = [resolution >> (k + 1) for k in range(len(convs))]
+    attention_after = sizes.index(16) + 1 if 16 in sizes else None
+    return {"in_channels": channels, "resolution": resolution, "channels": convs,
+            "attention_after": attention_after, "latent_dim": pred.latent_dim}
+
+
+# D13 and PDAE's encoders; 8 and 16 px are project choices for the digits quickstart.
+ENCODER_CHANNELS: dict[int, tuple[int, ...]] = {
+    8: (64,), 16: (64, 128), 32: (64, 128, 128), 64: (64, 128, 128, 128), 128: (64, 128, 256, 256, 256),
+}
+
+
+def _chain(
     spec: Spec,
-    method: PDMethod,
+    method: PDMethod | SferdPDMethod,
+    guidance: dict[str, Any] | None,
     teacher_dir: str,
     teacher_model: dict[str, Any],
     student_model: dict[str, Any],
@@ -236,6 +348,7 @@ def _pd_chain(
     t = spec.teacher
     out: list[Stage] = []
     prev_dir, prev_model, prev_is_teacher = teacher_dir, teacher_model, True
+    teacher_passes = 2 if guidance is None else 4  # guidance: a second pass per teacher evaluation
     for steps in method.student_steps():
         name = f"{p}-{method.name}-{steps_tag(steps)}"
         d = stage_dir(name)
@@ -246,7 +359,6 @@ def _pd_chain(
                 kind="distill",
                 params={
                     "kind": "distill",
-                    "method": method.kind,
                     "seed": spec.seed,
                     "dataset": spec.dataset.model_dump(mode="json"),
                     "student_steps": steps,
@@ -256,6 +368,8 @@ def _pd_chain(
                         # the first halving distils the teacher's EMA weights; later ones the previous student
                         "is_original_teacher": prev_is_teacher,
                     },
+                    # SFERD: every teacher of the chain (original and students) is attention-guided (§6)
+                    "guidance": guidance,
                     "model": student_model,
                     "parameterization": t.parameterization,
                     "loss_weighting": t.loss_weighting,
@@ -273,8 +387,8 @@ def _pd_chain(
                 outs=(d,),
                 persist=True,
                 metrics=(metrics_path(name),),
-                # 2 teacher forwards + 1 student forward/backward (≈ 3 forwards) per example
-                cost={"forward_passes": 5.0 * updates * method.batch_size},
+                # teacher forwards + 1 student forward/backward (≈ 3 forwards) per example
+                cost={"forward_passes": float((teacher_passes + 3) * updates * method.batch_size)},
             )
         )
         prev_dir, prev_model, prev_is_teacher = d, student_model, False

@@ -7,9 +7,67 @@ returns the location of the offending value so the CLI prints file:line:col like
 
 from __future__ import annotations
 
-from sferd.spec.models import Spec
+import math
+
+from sferd.spec.models import SferdPDMethod, Spec, UNetSpec
 
 Problem = tuple[tuple[str | int, ...], str]
+
+ENCODER_NORM_GROUPS = 32  # PDAE's encoder GroupNorm; sferd.nn.predictor uses the same
+
+
+def attention_blocks(model: UNetSpec, resolution: int) -> list[tuple[str, int, int]]:
+    """(part, resolution, index) of every attention block, in execution order, without building the network.
+
+    Mirrors `sferd.nn.unet.UNetConfig.attention_blocks` (a test keeps the two equal); duplicated so that
+    validation never imports torch.
+    """
+    levels = model.resolutions(resolution)
+    attn = set(model.attention_resolutions)
+    blocks: list[tuple[str, int, int]] = []
+    for res in levels:
+        if res in attn:
+            blocks += [("encoder", res, i) for i in range(model.num_res_blocks)]
+    blocks.append(("middle", levels[-1], 0))
+    for res in reversed(levels):
+        if res in attn:
+            blocks += [("decoder", res, i) for i in range(model.num_res_blocks + 1)]
+    return blocks
+
+
+def _check_sferd(spec: Spec, m: int, method: SferdPDMethod) -> list[Problem]:
+    problems: list[Problem] = []
+    res = spec.dataset.resolution
+    if method.guidance is not None:
+        ref = method.guidance.attention_block
+        blocks = attention_blocks(spec.teacher.model, res)
+        found = [i for p, r, i in blocks if p == ref.part and r == ref.resolution]
+        listing = ", ".join(f"{p} {r}×{r} #{i}" for p, r, i in blocks)
+        if not found:
+            problems.append(((("methods", m, "guidance", "attention_block", "resolution")),
+                             f"the teacher U-Net has no {ref.part} attention block at {ref.resolution}×{ref.resolution} (it has: {listing})"))
+        elif isinstance(ref.position, int) and ref.position not in found:
+            problems.append(((("methods", m, "guidance", "attention_block", "position")),
+                             f"{ref.part} attention blocks at {ref.resolution}×{ref.resolution} are #{found[0]}..#{found[-1]}"))
+        k = method.guidance.blur_kernel_size
+        if k > 2 * res - 1:
+            # reflect padding needs the half-width below the image size
+            problems.append((("methods", m, "guidance", "blur_kernel_size"),
+                             f"kernel {k} is too large for {res}×{res} images (at most {2 * res - 1} with reflect padding)"))
+    if method.predictor is not None:
+        p = method.predictor
+        if res < 8 or res & (res - 1):
+            problems.append((("methods", m, "predictor"), f"the semantic encoder needs a power-of-two resolution >= 8, got {res}"))
+        elif p.encoder_channels is not None and len(p.encoder_channels) != int(math.log2(res // 4)):
+            problems.append((("methods", m, "predictor", "encoder_channels"),
+                             f"{res}×{res} images need log2({res}/4) = {int(math.log2(res // 4))} stride-2 convs to reach 4×4"))
+        if p.latent_dim > 4096:
+            problems.append((("methods", m, "predictor", "latent_dim"), f"latent size {p.latent_dim} does not fit (at most 4096)"))
+        for k, c in enumerate(p.encoder_channels or []):
+            if c % ENCODER_NORM_GROUPS:
+                problems.append((("methods", m, "predictor", "encoder_channels", k),
+                                 f"{c} channels: must be a multiple of {ENCODER_NORM_GROUPS} (the encoder uses GroupNorm({ENCODER_NORM_GROUPS}), PDAE)"))
+    return problems
 
 
 def check_spec(spec: Spec) -> list[Problem]:
@@ -48,6 +106,8 @@ def check_spec(spec: Spec) -> list[Problem]:
         if method.name in names:
             problems.append((("methods", m, "name"), f"method name {method.name!r} already used by methods.{names[method.name]}"))
         names[method.name] = m
+        if isinstance(method, SferdPDMethod):
+            problems.extend(_check_sferd(spec, m, method))
         chain = set(method.student_steps())
         for k, steps in enumerate(ev.student_steps):
             if steps not in chain:

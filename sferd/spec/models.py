@@ -175,10 +175,9 @@ class FeatureNetSpec(Model):
 # ------------------------------------------------------------------------------------------------ methods
 
 
-class PDMethod(Model):
-    """Progressive distillation (Salimans & Ho, ICLR 2022): halve the sampler's steps, one stage each."""
+class ChainFields(Model):
+    """Fields shared by every progressive-distillation chain (PD and SFERD-PD)."""
 
-    kind: Literal["pd"] = Field(description="Method discriminator.")
     name: str = Field("pd", description="Row id in tables and stage names ([a-z0-9-]).")
     label: str = Field("PD", description="Row label in rendered tables.")
     start_steps: int = Field(
@@ -233,6 +232,125 @@ class PDMethod(Model):
     def updates_for(self, steps: int) -> int:
         return self.updates_override.get(steps, self.updates_per_halving)
 
+    def chain_params(self) -> dict:
+        """What determines the chain's checkpoints (two methods with equal chain params share stages)."""
+        return self.model_dump(mode="json", include={"start_steps", "end_steps", "updates_per_halving",
+                                                     "updates_override", "batch_size", "lr", "grad_clip_norm",
+                                                     "checkpoint_every_updates"})
+
+
+class PDMethod(ChainFields):
+    """Progressive distillation (Salimans & Ho, ICLR 2022): halve the sampler's steps, one stage each."""
+
+    kind: Literal["pd"] = Field(description="Method discriminator.")
+
+    @property
+    def guidance(self) -> None:
+        return None
+
+    @property
+    def predictor(self) -> None:
+        return None
+
+
+class AttentionBlockRef(Model):
+    """Which self-attention block's map drives guidance (D9: by resolution and position, not a raw index)."""
+
+    part: Literal["encoder", "middle", "decoder"] = Field("decoder", description="U-Net part (D9: decoder).")
+    resolution: int = Field(gt=0, description="Feature-map size of the block (D9: 16 on CIFAR-10, 32 on ImageNet 64).")
+    position: Union[Literal["first", "last"], Annotated[int, Field(ge=0)]] = Field(
+        "last", description="Among that part's attention blocks at that resolution, in execution order (D9: CIFAR-10 last, ImageNet 64 first)."
+    )
+
+
+class GuidanceSpec(Model):
+    """SFERD's attention guidance of the teacher (sferd-method.md §6). Defaults: the paper's best values."""
+
+    attention_block: AttentionBlockRef = Field(description="Block whose received attention defines the mask.")
+    threshold: float = Field(1.0, gt=0.0, description="ψ: mask tokens with received attention > ψ (paper: best 1.0 of 0.8–1.2).")
+    strength: float = Field(0.3, ge=0.0, description="w: ε_g = ε̂ + w(ε̂ − ε̃) (D1; paper: best 0.3 of 0–0.5).")
+    blur_sigma: float = Field(3.0, gt=0.0, description="Gaussian blur σ of the masked degradation (paper: best 3 of 1, 3, 5).")
+    blur_kernel_size: int = Field(15, ge=1, description="Blur kernel size, odd (D10: 15).")
+
+    @field_validator("blur_kernel_size")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"blur kernel size must be odd, got {v}")
+        return v
+
+
+class PredictorSpec(Model):
+    """Semantic encoder + gradient predictor trained on a frozen student (sferd-method.md §7, D5, D13)."""
+
+    latent_dim: int = Field(512, gt=0, description="Size of the semantic code z (D13: 512).")
+    encoder_channels: list[int] | None = Field(
+        None, description="Channels of the encoder's stride-2 convs, log2(res/4) of them (null: D13 table for the resolution)."
+    )
+    init_from_student: bool = Field(
+        False, description="Start the predictor's middle/decoder from the student's weights (PDAE: false, fresh init)."
+    )
+    updates: int = Field(gt=0, description="Optimiser updates (not recovered from the paper: required).")
+    batch_size: int = Field(128, gt=0, description="Images per update (PDAE: 128).")
+    lr: float = Field(1e-4, gt=0.0, description="Adam learning rate (PDAE: 1e-4).")
+    ema_decay: float = Field(0.9999, ge=0.0, lt=1.0, description="EMA of encoder and predictor (PDAE: 0.9999).")
+    grad_clip_norm: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
+    shift_cutoff_fraction: float = Field(
+        0.3, ge=0.0, le=1.0,
+        description="Sampling: the shift is off for the last ⌊fraction·K⌋ of K steps (released SFERD sampler: 0.3).",
+    )
+
+    @field_validator("encoder_channels")
+    @classmethod
+    def _channels(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(c < 1 for c in v)):
+            raise ValueError("encoder channels must be a non-empty list of positive integers")
+        return v
+
+
+class LatentPriorSpec(Model):
+    """Diffusion prior over normalised semantic codes (sferd-method.md §8; PDAE/DiffAE design)."""
+
+    width: int = Field(2048, gt=0, description="MLP width (D13: 2048).")
+    num_layers: int = Field(10, ge=2, description="MLP layers (D13: 10).")
+    time_emb_dim: int = Field(64, gt=0, description="Sinusoidal time embedding size (PDAE: 64).")
+    updates: int = Field(gt=0, description="Optimiser updates (not recovered from the paper: required).")
+    batch_size: int = Field(512, gt=0, description="Codes per update (PDAE: 512).")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate (PDAE: 1e-3).")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (PDAE: 0.01).")
+    ema_decay: float = Field(0.9999, ge=0.0, lt=1.0, description="EMA (PDAE: 0.9999).")
+    sampling_steps: int = Field(100, gt=0, le=1000, description="Latent DDIM steps at sampling (PDAE default: 100).")
+    clip_noise: float | None = Field(1.0, gt=0.0, description="Clamp the initial latent noise to ±this (released sampler: 1; null: off).")
+    clip_x0: float | None = Field(1.0, gt=0.0, description="Clamp the predicted code to ±this each step (released sampler: 1; null: off).")
+
+
+class SferdPDMethod(ChainFields):
+    """SFERD on progressive distillation: guided-teacher halvings, then a predictor + latent prior per evaluated
+    student (D5). `guidance: null` or `predictor: null` give the single-component ablation rows."""
+
+    kind: Literal["sferd_pd"] = Field(description="Method discriminator.")
+    name: str = Field("sferd", description="Row id in tables and stage names ([a-z0-9-]).")
+    label: str = Field("SFERD-PD", description="Row label in rendered tables.")
+    guidance: GuidanceSpec | None = Field(description="Attention-guided teacher in every halving (null: plain PD teacher).")
+    predictor: PredictorSpec | None = Field(description="Semantic gradient predictor per evaluated student (null: none).")
+    prior: LatentPriorSpec | None = Field(description="Latent prior; required exactly when a predictor is used.")
+
+    @field_validator("prior")
+    @classmethod
+    def _prior_iff_predictor(cls, v: LatentPriorSpec | None, info: ValidationInfo) -> LatentPriorSpec | None:
+        has_predictor = info.data.get("predictor") is not None
+        if has_predictor and v is None:
+            raise ValueError("a predictor needs a latent prior to sample its code z at generation time")
+        if not has_predictor and v is not None and "predictor" in info.data:
+            raise ValueError("a latent prior without a predictor is unused")
+        return v
+
+    @model_validator(mode="after")
+    def _not_plain_pd(self) -> "SferdPDMethod":
+        if self.guidance is None and self.predictor is None:
+            raise ValueError("with neither guidance nor predictor this is plain PD: use `kind: pd`")
+        return self
+
 
 def self_chain(start: int | None, end: int | None) -> list[int]:
     if not start or not end or not _is_power_of_two(start) or not _is_power_of_two(end):
@@ -244,8 +362,8 @@ def self_chain(start: int | None, end: int | None) -> list[int]:
     return out
 
 
-# Later methods (sferd_pd, cfd, dode, …) join this union; the discriminator keeps errors precise.
-Method = Annotated[Union[PDMethod], Field(discriminator="kind")]
+# Later methods (cfd, dode, …) join this union; the discriminator keeps errors precise.
+Method = Annotated[Union[PDMethod, SferdPDMethod], Field(discriminator="kind")]
 
 
 # --------------------------------------------------------------------------------------------- evaluation

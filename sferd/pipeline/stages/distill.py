@@ -1,4 +1,5 @@
-"""Stage `distill`: one progressive-distillation halving (sferd-method.md §5; Salimans & Ho 2022).
+"""Stage `distill`: one progressive-distillation halving (sferd-method.md §5; Salimans & Ho 2022), with the
+plain teacher (PD) or the attention-guided one (SFERD-PD, §6).
 
 The student starts as a copy of its teacher (the teacher's EMA weights in the first halving, the previous
 student afterwards), with dropout 0 and a fresh Adam whose learning rate decays linearly to 0.
@@ -9,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from sferd.pipeline.artifacts import read_npz, torch_save, write_json
-from sferd.pipeline.errors import StageError
 from sferd.pipeline.stages.common import checkpoint_payload, load_model, training_labels
 
 
@@ -22,8 +22,6 @@ def run(name: str, params: dict) -> None:
     from sferd.methods.training import linear_to_zero, seed_everything, train_loop
     from sferd.nn.build import build_unet
 
-    if params["method"] != "pd":
-        raise StageError(f"method {params['method']!r} has no distillation runner in this version")
     tr = params["training"]
     out = Path(params["outputs"]["dir"])
     out.mkdir(parents=True, exist_ok=True)
@@ -37,7 +35,12 @@ def run(name: str, params: dict) -> None:
     teacher_net = load_model(params["teacher"]["checkpoint"], params["teacher"]["model"])
     student_net = build_unet(params["model"])
     student_net.load_state_dict(teacher_net.state_dict())
-    teacher = NetworkDenoiser(teacher_net, params["parameterization"])  # eval mode: no dropout in targets
+    if params["guidance"] is None:
+        teacher = NetworkDenoiser(teacher_net, params["parameterization"])  # eval mode: no dropout in targets
+    else:
+        from sferd.methods.guidance import GuidanceConfig, GuidedDenoiser
+
+        teacher = GuidedDenoiser(teacher_net, params["parameterization"], GuidanceConfig.from_params(params["guidance"]))
     student = NetworkDenoiser(student_net, params["parameterization"])
 
     steps = params["student_steps"]

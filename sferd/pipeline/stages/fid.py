@@ -21,7 +21,7 @@ def seed_range(start: int, n: int) -> str:
     return f"{start}-{start + n - 1}"
 
 
-def _sample_model(params: dict, seeds: np.ndarray, label: str) -> tuple[np.ndarray, np.ndarray]:
+def _sample_model(params: dict, seeds: np.ndarray, label: str, make_sampler=None) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     from sferd.diffusion.denoiser import NetworkDenoiser
@@ -31,7 +31,10 @@ def _sample_model(params: dict, seeds: np.ndarray, label: str) -> tuple[np.ndarr
     src = params["source"]
     model_cfg = src["model"]
     net = load_model(src["checkpoint"], model_cfg)
-    denoiser = NetworkDenoiser(net, src["parameterization"])
+    if make_sampler is not None:  # a method-specific sampler (SFERD: latent prior + shifted student)
+        custom_sample = make_sampler(src, net, params["steps"])
+    else:
+        denoiser = NetworkDenoiser(net, src["parameterization"])
     shape = (model_cfg["in_channels"], model_cfg["resolution"], model_cfg["resolution"])
     num_classes = model_cfg.get("num_classes")
     labels = np.full(len(seeds), -1, dtype=np.int64)
@@ -46,7 +49,10 @@ def _sample_model(params: dict, seeds: np.ndarray, label: str) -> tuple[np.ndarr
             idx = slice(lo, lo + bs)
             noise = per_sample_noise(seeds[idx], shape)
             y = torch.from_numpy(labels[idx]) if num_classes else None
-            chunks.append(to_uint8(ddim_sample(denoiser, noise, params["steps"], y=y, clip=True)))
+            if make_sampler is not None:
+                chunks.append(to_uint8(custom_sample(noise, seeds[idx], y)))
+            else:
+                chunks.append(to_uint8(ddim_sample(denoiser, noise, params["steps"], y=y, clip=True)))
             progress.update(len(noise))
     finally:
         progress.close()
@@ -59,7 +65,9 @@ def _noise_images(seeds: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return to_uint8(per_sample_noise(seeds, shape).clamp(-1, 1))
 
 
-def run(name: str, params: dict) -> None:
+def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> None:
+    """`make_sampler(source, net, steps) -> sample(noise, seeds, y)` replaces DDIM for methods with their own
+    sampler; `extra_metrics(params)` adds method-specific cost keys."""
     from sferd.metrics.fid import FeatureExtractorWeightsError, compute_fid, fid_provenance, resolve_feature_extractor_weights
 
     weights = params["feature_weights"]
@@ -76,8 +84,9 @@ def run(name: str, params: dict) -> None:
     start, n = params["sample_seed_start"], params["num_samples"]
     seeds = np.arange(start, start + n, dtype=np.int64)
     steps = params["steps"]
-    if src["kind"] == "model":
-        images, labels = _sample_model(params, seeds, name)
+    extra: dict = extra_metrics(params) if extra_metrics is not None else {}
+    if src["kind"] in ("model", "sferd"):
+        images, labels = _sample_model(params, seeds, name, make_sampler)
         nfe = steps
     elif src["kind"] == "heldout":
         held = read_npz(src["path"])
@@ -101,6 +110,7 @@ def run(name: str, params: dict) -> None:
             keys.FID: fid,
             keys.STEPS: steps,
             keys.NFE: nfe,
+            **extra,
             keys.NUM_SAMPLES: int(len(images)),
             keys.SEEDS: seed_range(start, n) if src["kind"] != "heldout" else "real images",
             keys.REF: params["reference"]["name"],
