@@ -44,7 +44,7 @@ def _version(value: bool) -> None:
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    """Specs in specs/*.yaml are the experiments; dvc.yaml/params.yaml are compiled from them."""
+    """Specs in specs/*.yaml are the experiments; dvc.yaml/params.json are compiled from them."""
 
 
 def _load_all(paths: list[Path]):

@@ -42,7 +42,7 @@ def test_stage_graph_is_closed_and_well_named():
     for name, st in dvc.items():
         assert NAME.match(name), name
         assert st["cmd"] == f"python -m sferd.pipeline.run {name}"
-        assert st["params"] == [name]
+        assert st["params"] == [{"params.json": [name]}]  # each stage reads only its own section
         for out in st.get("outs", []) + st.get("metrics", []):
             path = out if isinstance(out, str) else next(iter(out))
             assert path not in produced, f"{path} declared by {produced.get(path)} and {name}"
@@ -61,7 +61,7 @@ def test_expected_stage_list():
     names = [s.name for s in stages]
     kinds = {s.name: s.kind for s in stages}
     assert names[:3] == ["digits-data", "digits-features", "digits-teacher"]
-    halvings = [f"s{k:04d}" for k in (16, 8, 4, 2, 1)]
+    halvings = [f"s{k:04d}" for k in (8, 4, 2, 1)]
     # two chains: PD (shared by the predictor-only row) and guided SFERD-PD (shared by the guidance-only row)
     assert [n for n in names if re.fullmatch(r"digits-pd-s\d{4}", n)] == [f"digits-pd-{h}" for h in halvings]
     assert [n for n in names if re.fullmatch(r"digits-sferd-s\d{4}", n)] == [f"digits-sferd-{h}" for h in halvings]
@@ -92,7 +92,7 @@ def test_sferd_stages_are_wired_to_the_right_chain():
     assert sgp["student"]["checkpoint"] == "results/digits-pd-s0004/model.pt"
     assert sgp["teacher"]["checkpoint"] == "results/digits-pd-s0008/model.pt"
     assert sgp["guidance"] is None
-    assert by["digits-sferd-s0016"]["guidance"] is not None and by["digits-pd-s0016"]["guidance"] is None
+    assert by["digits-sferd-s0008"]["guidance"] is not None and by["digits-pd-s0008"]["guidance"] is None
     ag_fid = by["digits-sferd-ag-s0002-fid"]["source"]
     assert ag_fid["checkpoint"] == "results/digits-sferd-s0002/model.pt"
 

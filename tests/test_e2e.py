@@ -40,10 +40,11 @@ def repo(tmp_path_factory):
 def test_repro_produces_table_and_metrics(repo):
     d, r = repo
     table = (d / "results/tables/tiny.md").read_text()
-    assert "| PD |" in table and "Teacher (DDIM" in table and " missing |" not in table
-    assert "cells measured: 5/5" in table
+    assert "| PD |" in table and "| SFERD-PD |" in table and "Teacher (DDIM" in table and " missing |" not in table
+    assert "cells measured: 7/7" in table
     fids = {}
-    for name in ["digits-teacher-s0002-fid", "digits-pd-s0001-fid", "digits-pd-s0002-fid", "digits-heldout-fid", "digits-noise-fid"]:
+    for name in ["digits-teacher-s0002-fid", "digits-pd-s0001-fid", "digits-pd-s0002-fid", "digits-sferd-s0001-fid",
+                 "digits-sferd-s0002-fid", "digits-heldout-fid", "digits-noise-fid"]:
         m = json.loads((d / f"results/metrics/{name}.json").read_text())
         assert math.isfinite(m["fid"]) and m["fid"] >= 0
         assert m["feature_extractor"] == "digits-cnn" and m["fid_impl"].startswith("torch-fidelity==")
@@ -55,6 +56,28 @@ def test_repro_produces_table_and_metrics(repo):
     assert samples["images"].shape == (64, 8, 8, 1) and samples["images"].dtype.name == "uint8"
     assert samples["seeds"].tolist() == list(range(64))
     assert (d / "dvc.lock").is_file()
+
+
+def test_sferd_stages_record_costs_and_statistics(repo):
+    """D14 cost counts in the SFERD FID records; the prior carries its normalisation statistics."""
+    import numpy as np
+    import torch
+
+    d, _ = repo
+    for k in (1, 2):
+        m = json.loads((d / f"results/metrics/digits-sferd-s{k:04d}-fid.json").read_text())
+        assert m["nfe"] == k and m["nfe_with_predictor"] == 2 * k  # K = 1, 2: the shift is on at every step
+        assert m["latent_prior_steps"] == 10
+        prior = torch.load(d / f"results/digits-sferd-s{k:04d}-prior/prior.pt", weights_only=True)
+        assert prior["stats"]["mean"].shape == (8,) and (prior["stats"]["std"] > 0).all()
+        pred = torch.load(d / f"results/digits-sferd-s{k:04d}-predictor/predictor.pt", weights_only=True)
+        assert pred["config"]["student"]["checkpoint"] == f"results/digits-sferd-s{k:04d}/model.pt"
+        images = np.load(d / f"results/digits-sferd-s{k:04d}-fid/samples.npz")["images"]
+        assert images.shape == (64, 8, 8, 1) and images.std() > 0
+    for stage in ("digits-sferd-s0002", "digits-sferd-s0001-predictor", "digits-sferd-s0001-prior"):
+        m = json.loads((d / f"results/metrics/{stage}.json").read_text())
+        losses = [v for key, v in m.items() if key.startswith("loss_mean")]
+        assert losses and all(math.isfinite(v) for v in losses), m
 
 
 def test_second_repro_is_noop(repo):

@@ -1,10 +1,10 @@
 """Stage runner failures a user can fix end as one line naming the cause and the fix (exit 1)."""
 
+import json
 import subprocess
 import sys
 
 import torch
-from ruamel.yaml import YAML
 
 from sferd.nn.build import build_unet
 from sferd.pipeline.run import main
@@ -17,8 +17,8 @@ MODEL = {
 
 
 def _params(tmp_path, stages):
-    p = tmp_path / "params.yaml"
-    YAML(typ="safe").dump(stages, p)
+    p = tmp_path / "params.json"
+    p.write_text(json.dumps(stages))
     return str(p)
 
 
@@ -85,7 +85,7 @@ def test_distill_runs_and_writes_outputs(tmp_path, monkeypatch):
 def test_unknown_stage_and_missing_params(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["nothing"]) == 1
-    assert "params.yaml not found" in capsys.readouterr().err
+    assert "params.json not found" in capsys.readouterr().err
     params = _params(tmp_path, {"a": {"kind": "data"}})
     assert main(["--params", params, "b"]) == 1
     assert "has no section" in capsys.readouterr().err

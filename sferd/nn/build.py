@@ -1,4 +1,4 @@
-"""Build networks from the resolved model config a stage receives (a plain dict from params.yaml)."""
+"""Build networks from the resolved model config a stage receives (a plain dict from params.json)."""
 
 from __future__ import annotations
 

@@ -138,6 +138,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
 
     # ---- distillation chains: methods whose chains are identical (same guidance, same training) share one
     # set of stages, named after the first method that needs it (e.g. PD and "SFERD, predictor only").
+    # Every chain, and what hangs off it, is repeated per seed of `seeds` (the teacher is trained once).
     chain_of: dict[str, str] = {}  # method name → chain name
     known: dict[str, str] = {}  # canonical chain params → chain name
     for method in spec.methods:
@@ -145,81 +146,83 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
         key = json.dumps({"chain": method.chain_params(), "guidance": guidance}, sort_keys=True)
         if key not in known:
             known[key] = method.name
-            stages.extend(_chain(spec, method, guidance, teacher_dir, teacher_model, student_model, train_npz))
+            for seed in spec.chain_seeds:
+                stages.extend(_chain(spec, method, guidance, teacher_dir, teacher_model, student_model, train_npz, seed))
         chain_of[method.name] = known[key]
 
-    def student_dir(method, steps: int) -> str:
-        return stage_dir(f"{p}-{chain_of[method.name]}-{steps_tag(steps)}")
+    def student_dir(method, steps: int, seed: int) -> str:
+        return stage_dir(f"{p}-{chain_of[method.name]}{seed_tag(spec, seed)}-{steps_tag(steps)}")
 
-    def teacher_of(method, steps: int) -> tuple[str, dict[str, Any]]:
+    def teacher_of(method, steps: int, seed: int) -> tuple[str, dict[str, Any]]:
         """T_2K: the chain's previous student, or the original teacher at the chain start."""
         if 2 * steps == method.start_steps:
             return teacher_dir, teacher_model
-        return student_dir(method, 2 * steps), student_model
+        return student_dir(method, 2 * steps, seed), student_model
 
     # ---- SFERD stages (b) predictor and (c) latent prior, per evaluated student (D5)
-    sferd_ckpts: dict[tuple[str, int], tuple[str, str]] = {}
+    sferd_ckpts: dict[tuple[str, int, int], tuple[str, str]] = {}
     for method in spec.methods:
         if not isinstance(method, SferdPDMethod) or method.predictor is None:
             continue
         pred, prior = method.predictor, method.prior
         assert prior is not None  # validated
         encoder = encoder_config(spec.dataset.resolution, spec.dataset.channels, pred)
-        for steps in spec.evaluation.student_steps:
-            pred_name = f"{p}-{method.name}-{steps_tag(steps)}-predictor"
-            prior_name = f"{p}-{method.name}-{steps_tag(steps)}-prior"
-            pred_dir, prior_dir = stage_dir(pred_name), stage_dir(prior_name)
-            t_dir, t_model = teacher_of(method, steps)
-            s_dir = student_dir(method, steps)
-            teacher_passes = 4 if method.guidance is not None else 2
-            stages.append(
-                Stage(
-                    name=pred_name,
-                    kind="predictor",
-                    params={
-                        "kind": "predictor",
-                        "seed": spec.seed,
-                        "dataset": ds,
-                        "student_steps": steps,
-                        "student": {"checkpoint": f"{s_dir}/model.pt", "model": student_model},
-                        "teacher": {"checkpoint": f"{t_dir}/model.pt", "model": t_model},
-                        "guidance": method.guidance.model_dump(mode="json") if method.guidance is not None else None,
-                        "parameterization": t.parameterization,
-                        "loss_weighting": t.loss_weighting,
-                        "encoder": encoder,
-                        "predictor": pred.model_dump(mode="json"),
-                        "inputs": {"train": train_npz},
-                        "outputs": {"dir": pred_dir, "metrics": metrics_path(pred_name)},
-                    },
-                    deps=(data_dir, s_dir, t_dir),
-                    outs=(pred_dir,),
-                    persist=True,
-                    metrics=(metrics_path(pred_name),),
-                    cost={"forward_passes": float((teacher_passes + 4) * pred.updates * pred.batch_size)},
+        for seed in spec.chain_seeds:
+            for steps in spec.evaluation.student_steps:
+                base = f"{p}-{method.name}{seed_tag(spec, seed)}-{steps_tag(steps)}"
+                pred_name, prior_name = f"{base}-predictor", f"{base}-prior"
+                pred_dir, prior_dir = stage_dir(pred_name), stage_dir(prior_name)
+                t_dir, t_model = teacher_of(method, steps, seed)
+                s_dir = student_dir(method, steps, seed)
+                teacher_passes = 4 if method.guidance is not None else 2
+                stages.append(
+                    Stage(
+                        name=pred_name,
+                        kind="predictor",
+                        params={
+                            "kind": "predictor",
+                            "seed": seed,
+                            "dataset": ds,
+                            "student_steps": steps,
+                            "student": {"checkpoint": f"{s_dir}/model.pt", "model": student_model},
+                            "teacher": {"checkpoint": f"{t_dir}/model.pt", "model": t_model},
+                            "guidance": method.guidance.model_dump(mode="json") if method.guidance is not None else None,
+                            "parameterization": t.parameterization,
+                            "loss_weighting": t.loss_weighting,
+                            "encoder": encoder,
+                            "predictor": pred.model_dump(mode="json"),
+                            "inputs": {"train": train_npz},
+                            "outputs": {"dir": pred_dir, "metrics": metrics_path(pred_name)},
+                        },
+                        deps=(data_dir, s_dir, t_dir),
+                        outs=(pred_dir,),
+                        persist=True,
+                        metrics=(metrics_path(pred_name),),
+                        cost={"forward_passes": float((teacher_passes + 4) * pred.updates * pred.batch_size)},
+                    )
                 )
-            )
-            stages.append(
-                Stage(
-                    name=prior_name,
-                    kind="prior",
-                    params={
-                        "kind": "prior",
-                        "seed": spec.seed,
-                        "dataset": ds,
-                        "predictor": {"checkpoint": f"{pred_dir}/predictor.pt", "encoder": encoder},
-                        "num_classes": student_model["num_classes"],
-                        "prior": prior.model_dump(mode="json"),
-                        "inputs": {"train": train_npz},
-                        "outputs": {"dir": prior_dir, "metrics": metrics_path(prior_name)},
-                    },
-                    deps=(data_dir, pred_dir),
-                    outs=(prior_dir,),
-                    persist=True,
-                    metrics=(metrics_path(prior_name),),
-                    cost={"mlp_passes": float(3 * prior.updates * prior.batch_size)},
+                stages.append(
+                    Stage(
+                        name=prior_name,
+                        kind="prior",
+                        params={
+                            "kind": "prior",
+                            "seed": seed,
+                            "dataset": ds,
+                            "predictor": {"checkpoint": f"{pred_dir}/predictor.pt", "encoder": encoder},
+                            "num_classes": student_model["num_classes"],
+                            "prior": prior.model_dump(mode="json"),
+                            "inputs": {"train": train_npz},
+                            "outputs": {"dir": prior_dir, "metrics": metrics_path(prior_name)},
+                        },
+                        deps=(data_dir, pred_dir),
+                        outs=(prior_dir,),
+                        persist=True,
+                        metrics=(metrics_path(prior_name),),
+                        cost={"mlp_passes": float(3 * prior.updates * prior.batch_size)},
+                    )
                 )
-            )
-            sferd_ckpts[(method.name, steps)] = (pred_dir, prior_dir)
+                sferd_ckpts[(method.name, steps, seed)] = (pred_dir, prior_dir)
 
     # ---- FID
     ev = spec.evaluation
@@ -234,7 +237,8 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     }
     fid_rows: list[dict[str, Any]] = []
 
-    def add_fid(name: str, row: str, label: str, steps: int | None, source: dict[str, Any], deps: tuple[str, ...], nfe_per_sample: int) -> None:
+    def add_fid(name: str, row: str, label: str, steps: int | None, source: dict[str, Any], deps: tuple[str, ...],
+                nfe_per_sample: int, seed: int | None = None) -> None:
         out_dir = stage_dir(name)
         kind = "fid_sferd" if source["kind"] == "sferd" else "fid"
         stages.append(
@@ -256,7 +260,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                 cost={"forward_passes": float(ev.num_samples * nfe_per_sample)},
             )
         )
-        fid_rows.append({"row": row, "label": label, "steps": steps, "metrics": metrics_path(name)})
+        fid_rows.append({"row": row, "label": label, "steps": steps, "seed": seed, "metrics": metrics_path(name)})
 
     for steps in ev.teacher_steps:
         add_fid(
@@ -266,27 +270,29 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
             (teacher_dir,), steps,
         )
     for method in spec.methods:
-        for steps in ev.student_steps:
-            ckpt_dir = student_dir(method, steps)
-            source: dict[str, Any] = {"kind": "model", "checkpoint": f"{ckpt_dir}/model.pt", "model": student_model,
-                                      "parameterization": t.parameterization}
-            deps: tuple[str, ...] = (ckpt_dir,)
-            nfe = steps
-            if (method.name, steps) in sferd_ckpts:
-                pred_dir, prior_dir = sferd_ckpts[(method.name, steps)]
-                pred, prior = method.predictor, method.prior
-                source = {
-                    **source,
-                    "kind": "sferd",
-                    "predictor": {"checkpoint": f"{pred_dir}/predictor.pt", "latent_dim": pred.latent_dim,
-                                  "init_from_student": pred.init_from_student,
-                                  "shift_cutoff_fraction": pred.shift_cutoff_fraction},
-                    "prior": {"checkpoint": f"{prior_dir}/prior.pt", "sampling_steps": prior.sampling_steps,
-                              "clip_noise": prior.clip_noise, "clip_x0": prior.clip_x0},
-                }
-                deps = (ckpt_dir, pred_dir, prior_dir)
-                nfe = 2 * steps  # student + predictor branch (about one decoder pass) per step, upper bound
-            add_fid(f"{p}-{method.name}-{steps_tag(steps)}-fid", method.name, method.label, steps, source, deps, nfe)
+        for seed in spec.chain_seeds:
+            for steps in ev.student_steps:
+                ckpt_dir = student_dir(method, steps, seed)
+                source: dict[str, Any] = {"kind": "model", "checkpoint": f"{ckpt_dir}/model.pt", "model": student_model,
+                                          "parameterization": t.parameterization}
+                deps: tuple[str, ...] = (ckpt_dir,)
+                nfe = steps
+                if (method.name, steps, seed) in sferd_ckpts:
+                    pred_dir, prior_dir = sferd_ckpts[(method.name, steps, seed)]
+                    pred, prior = method.predictor, method.prior
+                    source = {
+                        **source,
+                        "kind": "sferd",
+                        "predictor": {"checkpoint": f"{pred_dir}/predictor.pt", "latent_dim": pred.latent_dim,
+                                      "init_from_student": pred.init_from_student,
+                                      "shift_cutoff_fraction": pred.shift_cutoff_fraction},
+                        "prior": {"checkpoint": f"{prior_dir}/prior.pt", "sampling_steps": prior.sampling_steps,
+                                  "clip_noise": prior.clip_noise, "clip_x0": prior.clip_x0},
+                    }
+                    deps = (ckpt_dir, pred_dir, prior_dir)
+                    nfe = 2 * steps  # student + predictor branch (about one decoder pass) per step, upper bound
+                add_fid(f"{p}-{method.name}{seed_tag(spec, seed)}-{steps_tag(steps)}-fid", method.name, method.label,
+                        steps, source, deps, nfe, seed)
     for cal in ev.calibration:
         if cal == "heldout":
             add_fid(f"{p}-heldout-fid", "heldout", "Held-out data (floor)", None,
@@ -335,6 +341,12 @@ ENCODER_CHANNELS: dict[int, tuple[int, ...]] = {
 }
 
 
+def seed_tag(spec: Spec, seed: int) -> str:
+    """Stage-name tag of a chain replicate: none for the spec's own `seed`, so adding seeds keeps every existing
+    stage (and its cache) as it is."""
+    return "" if seed == spec.seed else f"-seed{seed:04d}"
+
+
 def _chain(
     spec: Spec,
     method: PDMethod | SferdPDMethod,
@@ -343,6 +355,7 @@ def _chain(
     teacher_model: dict[str, Any],
     student_model: dict[str, Any],
     train_npz: str,
+    seed: int,
 ) -> list[Stage]:
     p = spec.dataset.short
     t = spec.teacher
@@ -350,7 +363,7 @@ def _chain(
     prev_dir, prev_model, prev_is_teacher = teacher_dir, teacher_model, True
     teacher_passes = 2 if guidance is None else 4  # guidance: a second pass per teacher evaluation
     for steps in method.student_steps():
-        name = f"{p}-{method.name}-{steps_tag(steps)}"
+        name = f"{p}-{method.name}{seed_tag(spec, seed)}-{steps_tag(steps)}"
         d = stage_dir(name)
         updates = method.updates_for(steps)
         out.append(
@@ -359,7 +372,7 @@ def _chain(
                 kind="distill",
                 params={
                     "kind": "distill",
-                    "seed": spec.seed,
+                    "seed": seed,
                     "dataset": spec.dataset.model_dump(mode="json"),
                     "student_steps": steps,
                     "teacher": {

@@ -1,6 +1,6 @@
 """The stage runner: `python -m sferd.pipeline.run [--params FILE] STAGE` (DESIGN.md step 4).
 
-Reads `params.yaml[STAGE]` (the fully resolved parameters the compiler wrote), imports the module for the
+Reads `params.json[STAGE]` (the fully resolved parameters the compiler wrote), imports the module for the
 stage's `kind` and runs it. Kept tiny and stable on purpose: every stage depends on this file.
 User-facing failures (missing data, a checkpoint from another config, …) raise `StageError` and end as one
 line on stderr with exit code 1, never a traceback.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -17,12 +18,13 @@ from sferd.pipeline.errors import StageError
 
 
 def load_params(params_file: str, stage: str) -> dict:
-    from ruamel.yaml import YAML
-
     path = Path(params_file)
     if not path.is_file():
         raise StageError(f"{params_file} not found: run `sferd-spec compile` first")
-    doc = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8")) or {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise StageError(f"{params_file} is not valid JSON ({e}); regenerate it with `sferd-spec compile`") from None
     if stage not in doc:
         raise StageError(f"stage {stage!r} has no section in {params_file}; recompile with `sferd-spec compile`")
     return doc[stage]
@@ -31,7 +33,7 @@ def load_params(params_file: str, stage: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sferd.pipeline.run", description=__doc__.splitlines()[0])
     ap.add_argument("stage", help="stage name, e.g. digits-pd-s0004")
-    ap.add_argument("--params", default="params.yaml", help="resolved params file (default: params.yaml)")
+    ap.add_argument("--params", default="params.json", help="resolved params file (default: params.json)")
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params, args.stage)

@@ -26,8 +26,18 @@ def gather(rows: list[dict[str, Any]], root: Path = Path(".")) -> pd.DataFrame:
     for r in rows:
         path = root / r["metrics"]
         m = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        records.append({**r, "present": m is not None, "metrics_data": m, "fid": m["fid"] if m else None})
-    return pd.DataFrame.from_records(records, columns=["row", "label", "steps", "metrics", "present", "metrics_data", "fid"])
+        records.append({"seed": None, **r, "present": m is not None, "metrics_data": m, "fid": m["fid"] if m else None})
+    return pd.DataFrame.from_records(
+        records, columns=["row", "label", "steps", "seed", "metrics", "present", "metrics_data", "fid"]
+    )
+
+
+def format_fid(fids: list[float]) -> str:
+    """One run: the FID; several seeds: mean ± sample standard deviation (n − 1), with n."""
+    if len(fids) == 1:
+        return f"{fids[0]:.2f}"
+    s = pd.Series(fids, dtype=float)
+    return f"{s.mean():.2f} ± {s.std(ddof=1):.2f} (n={len(fids)})"
 
 
 def _git_commit(root: Path) -> str:
@@ -48,8 +58,10 @@ def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[
         hit = sub[sub["steps"] == s]
         if hit.empty:
             return ""  # not planned for this row
-        rec = hit.iloc[0]
-        return f"{rec['fid']:.2f}" if rec["present"] else MISSING
+        if not hit["present"].all():  # a mean over the seeds that happen to exist would hide the missing ones
+            done = int(hit["present"].sum())
+            return MISSING if len(hit) == 1 else f"{MISSING} ({done}/{len(hit)} seeds)"
+        return format_fid([float(f) for f in hit["fid"]])
 
     body = []
     for row_id in dict.fromkeys(model_rows["row"]):
@@ -86,12 +98,32 @@ def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[
         "paper": paper,
         "calib": calib,
         "provenance": provenance,
-        "n_missing": int((~df["present"]).sum()),
-        "n_cells": int(len(df)),
+        # a cell is one (row, steps) of the table, however many seeds it averages
+        "n_missing": int((~df.groupby(["row", "steps"], dropna=False)["present"].all()).sum()),
+        "n_cells": int(df.groupby(["row", "steps"], dropna=False).ngroups),
+        "sferd_costs": _sferd_costs(model_rows),
+        "multi_seed": bool(len(df) and df.groupby(["row", "steps"], dropna=False).size().max() > 1),
         "spec": spec_path,
         "commit": _git_commit(root),
         "version": sferd.__version__,
     }
+
+
+def _sferd_costs(model_rows: pd.DataFrame) -> list[str]:
+    """D14: rows whose sampler runs the predictor branch and a latent prior say what that costs."""
+    out = []
+    for row_id in dict.fromkeys(model_rows["row"]):
+        sub = model_rows[(model_rows["row"] == row_id) & model_rows["present"]]
+        parts = []
+        for _, rec in sub.drop_duplicates("steps").iterrows():
+            m = rec["metrics_data"]
+            if "nfe_with_predictor" in m:
+                parts.append(f"{int(rec['steps'])} → {m['nfe_with_predictor']}")
+        if parts:
+            prior = sub.iloc[0]["metrics_data"].get("latent_prior_steps")
+            out.append(f"{sub.iloc[0]['label']}: evaluations including the predictor branch by steps "
+                       f"{', '.join(parts)}; plus {prior} latent-prior MLP steps per sample")
+    return out
 
 
 def render_markdown(context: dict) -> str:

@@ -445,9 +445,15 @@ class Spec(Model):
     name: str = Field(description="Spec id ([a-z0-9-]).")
     description: str = Field("", description="What this experiment reproduces.")
     pipeline: str = Field(
-        description="Folder of the generated dvc.yaml/params.yaml, relative to the repo root ('.' = root pipeline)."
+        description="Folder of the generated dvc.yaml/params.json, relative to the repo root ('.' = root pipeline)."
     )
     seed: int = Field(ge=0, description="Seed of every training stage (sampling seeds are in `evaluation`).")
+    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        min_length=1,
+        description="Repeat every distillation chain (halvings, predictor, prior, FID) once per seed; the table shows "
+        "mean ± std over them. Data, feature network and teacher are trained once, with `seed`. null: [seed].",
+    )
     dataset: DatasetSpec = Field(description="Data and resolution.")
     features: FeatureNetSpec | None = Field(
         None, description="FID feature network trained by a stage (required when feature_extractor is digits-cnn)."
@@ -462,6 +468,17 @@ class Spec(Model):
     @classmethod
     def _name(cls, v: str) -> str:
         return _check_name(v)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    @property
+    def chain_seeds(self) -> list[int]:
+        return list(self.seeds) if self.seeds is not None else [self.seed]
 
     @field_validator("pipeline")
     @classmethod

@@ -1,0 +1,99 @@
+"""The table renderer: one cell per (row, steps), mean ± std over seeds, missing replicates marked, D14 costs;
+and the spec's `seeds` field expanding every chain (not the teacher) per seed."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+from sferd.pipeline.graph import build_graph
+from sferd.report.table import render_markdown, table_context
+from sferd.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = {"id": "t", "title": "T"}
+
+
+def _write(root: Path, name: str, **metrics) -> str:
+    rel = f"results/metrics/{name}.json"
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text(json.dumps({"num_samples": 10, "seeds": "0-9", **metrics}))
+    return rel
+
+
+def _row(row, steps, seed, metrics):
+    return {"row": row, "label": row.upper(), "steps": steps, "seed": seed, "metrics": metrics}
+
+
+def test_seeds_average_into_one_cell_with_sample_std(tmp_path):
+    fids = [3.0, 4.0, 8.0]
+    rows = [_row("pd", 1, s, _write(tmp_path, f"pd-{s}", fid=f, nfe=1)) for s, f in enumerate(fids)]
+    rows.append(_row("pd", 2, 0, _write(tmp_path, "pd2", fid=1.5, nfe=2)))
+    text = render_markdown(table_context("spec.yaml", TABLE, rows, [], root=tmp_path))
+    mean, std = statistics.mean(fids), statistics.stdev(fids)
+    assert f"| PD | {mean:.2f} ± {std:.2f} (n=3) | 1.50 |" in text
+    assert "cells measured: 2/2" in text
+    assert "mean ± sample standard deviation" in text
+
+
+def test_a_missing_seed_marks_the_cell_instead_of_averaging_the_rest(tmp_path):
+    rows = [_row("pd", 1, 0, _write(tmp_path, "a", fid=3.0, nfe=1)), _row("pd", 1, 1, "results/metrics/absent.json")]
+    ctx = table_context("spec.yaml", TABLE, rows, [], root=tmp_path)
+    text = render_markdown(ctx)
+    assert "| PD | missing (1/2 seeds) |" in text
+    assert "cells measured: 0/1" in text
+
+
+def test_single_seed_tables_say_nothing_about_seeds(tmp_path):
+    rows = [_row("pd", 1, 0, _write(tmp_path, "a", fid=3.0, nfe=1))]
+    text = render_markdown(table_context("spec.yaml", TABLE, rows, [], root=tmp_path))
+    assert "| PD | 3.00 |" in text and "standard deviation" not in text
+
+
+def test_sferd_rows_state_their_evaluation_counts(tmp_path):
+    rows = [_row("sferd", k, 0, _write(tmp_path, f"s{k}", fid=2.0, nfe=k, nfe_with_predictor=k + k - (k // 4),
+                                       latent_prior_steps=100)) for k in (1, 4)]
+    text = render_markdown(table_context("spec.yaml", TABLE, rows, [], root=tmp_path))
+    assert "SFERD: evaluations including the predictor branch by steps 1 → 2, 4 → 7; plus 100 latent-prior" in text
+
+
+def test_seeds_repeat_chains_and_sferd_stages_but_not_the_teacher(tmp_path):
+    src = (ROOT / "specs/quickstart.yaml").read_text()
+    spec_file = tmp_path / "q.yaml"
+    spec_file.write_text(src.replace("seed: 0\n", "seed: 0\nseeds: [0, 7]\n", 1))
+    one = [s.name for s in build_graph(load_spec(ROOT / "specs/quickstart.yaml"), spec_path="q.yaml")]
+    stages = build_graph(load_spec(spec_file), spec_path="q.yaml")
+    two = [s.name for s in stages]
+    assert set(one) <= set(two)  # seed 0 keeps its names (and so its DVC cache)
+    extra = sorted(set(two) - set(one))
+    assert extra and all("-seed0007-" in n for n in extra), extra
+    assert "digits-teacher" in two and not any(n.startswith("digits-teacher-seed") for n in two)
+    by = {s.name: s.params for s in stages}
+    assert by["digits-pd-seed0007-s0008"]["seed"] == 7
+    assert by["digits-pd-seed0007-s0008"]["teacher"]["checkpoint"] == "results/digits-teacher/model.pt"
+    assert by["digits-pd-seed0007-s0004"]["teacher"]["checkpoint"] == "results/digits-pd-seed0007-s0008/model.pt"
+    assert by["digits-sferd-seed0007-s0004-predictor"]["student"]["checkpoint"] == "results/digits-sferd-seed0007-s0004/model.pt"
+    # every non-teacher FID row now has two replicates, both rendered into the same cell
+    rows = by["quickstart-render"]["rows"]
+    pd1 = [r for r in rows if r["row"] == "pd" and r["steps"] == 1]
+    assert sorted(r["seed"] for r in pd1) == [0, 7]
+    assert len([n for n in extra if re.fullmatch(r"digits-[a-z-]+-seed0007-s\d{4}(-fid|-predictor|-prior)?", n)]) == len(extra)
+
+
+def test_duplicate_seeds_are_a_located_error(tmp_path):
+    from sferd.spec.loader import SpecError
+
+    src = (ROOT / "specs/quickstart.yaml").read_text()
+    spec_file = tmp_path / "q.yaml"
+    text = src.replace("seed: 0\n", "seed: 0\nseeds: [1, 1]\n", 1)
+    spec_file.write_text(text)
+    line = text.splitlines().index("seeds: [1, 1]") + 1
+    try:
+        load_spec(spec_file)
+    except SpecError as e:
+        err = str(e)
+    else:
+        raise AssertionError("duplicate seeds accepted")
+    assert "seeds must be distinct" in err and f"q.yaml:{line}:8: error: seeds:" in err
