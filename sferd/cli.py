@@ -131,30 +131,46 @@ def _default_specs() -> list[Path]:
     return sorted(p for p in SPECS_DIR.glob("*.yaml"))
 
 
-def _compiled_files(specs) -> dict[str, str]:
-    """Every generated file (path → text) for these specs, pipelines merged by folder."""
+def _compiled_files(specs, context=()) -> dict[str, str]:
+    """Every generated file (path → text) for the pipelines of `specs`.
+
+    A stage that several specs define identically (the shared data, feature network and teacher of an ablation
+    and the quickstart) is written once, in its home pipeline: the root pipeline if a root spec has it, else the
+    first pipeline by name. Other pipelines depend on its outputs, and DVC links the files into one graph.
+    `context` are further specs (all of specs/) consulted only to find those homes.
+    """
     from sferd.pipeline.dvcfile import CompileError, pipeline_files
     from sferd.spec.models import Spec
 
-    by_pipeline: dict[str, dict[str, object]] = {}
-    owner: dict[tuple[str, str], str] = {}
-    for path, spec in specs:
-        bucket = by_pipeline.setdefault(spec.pipeline, {})
+    wanted = {spec.pipeline for _, spec in specs}
+    seen_paths: set[str] = set()
+    everything = []
+    for path, spec in [*specs, *context]:
+        if path.as_posix() not in seen_paths:
+            seen_paths.add(path.as_posix())
+            everything.append((path, spec))
+    everything.sort(key=lambda ps: (ps[1].pipeline not in ("", "."), ps[1].pipeline, ps[0].as_posix()))
+    home: dict[str, tuple[str, object, str]] = {}  # stage name → (pipeline, stage, defining spec)
+    by_pipeline: dict[str, list[object]] = {}
+    for path, spec in everything:
+        by_pipeline.setdefault(spec.pipeline, [])
         for st in _graph(spec, path):
-            if st.name in bucket:
-                if bucket[st.name] != st:
+            if st.name in home:
+                if home[st.name][1] != st:
                     _err(
-                        f"{path.as_posix()}: error: stage {st.name} is also defined by "
-                        f"{owner[(spec.pipeline, st.name)]} with different parameters"
+                        f"{path.as_posix()}: error: stage {st.name} is also defined by {home[st.name][2]} "
+                        "with different parameters (stage names must be unique across specs)"
                     )
                     raise typer.Exit(1)
                 continue
-            bucket[st.name] = st
-            owner[(spec.pipeline, st.name)] = path.as_posix()
+            home[st.name] = (spec.pipeline, st, path.as_posix())
+            by_pipeline[spec.pipeline].append(st)
     files: dict[str, str] = {}
     for pipeline, stages in by_pipeline.items():
+        if pipeline not in wanted:
+            continue
         try:
-            files.update(pipeline_files(list(stages.values()), pipeline=pipeline, root="."))
+            files.update(pipeline_files(stages, pipeline=pipeline, root="."))
         except CompileError as e:
             _err(f"error: pipeline {pipeline}: {e}")
             raise typer.Exit(1)
@@ -178,7 +194,9 @@ def compile_(
         _err("error: run sferd-spec compile from the repository root (the folder holding sferd/ and specs/)")
         raise typer.Exit(1)
     paths = list(specs) if specs else _default_specs()
-    files = _compiled_files(_load_all(paths))
+    chosen = _load_all(paths)
+    others = [p for p in _default_specs() if p.resolve() not in {q.resolve() for q in paths}]
+    files = _compiled_files(chosen, _load_all(others) if specs else ())
     stale = []
     for rel, text in sorted(files.items()):
         p = Path(rel)

@@ -1,5 +1,6 @@
 """Spec → stage graph → dvc.yaml: golden file, names, dependency closure, granularity of params."""
 
+import json
 import re
 import subprocess
 import sys
@@ -128,3 +129,59 @@ def test_pd_param_change_touches_only_pd_sections(tmp_path):
     assert untouched and not (differ & untouched), sorted(differ & untouched)
     # the predictor-only row no longer shares the PD chain: it gets its own halvings
     assert "digits-sferd-sgp-s0001" in new and "digits-sferd-sgp-s0001" not in base
+
+
+def test_ablation_pipeline_shares_the_quickstart_stages(tmp_path, monkeypatch):
+    """Identical stages compile once, into the root pipeline; the ablation's own file holds only its chains, and
+    every dependency it has is produced by a stage in one of the two files."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from sferd.cli import app
+
+    shutil.copytree(ROOT / "sferd", tmp_path / "sferd", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "specs", tmp_path / "specs")
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    # compiling the ablation alone still finds the quickstart's stages in specs/ and leaves them to the root
+    r = runner.invoke(app, ["compile", "specs/quickstart-ablation.yaml"])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "dvc.yaml").exists()
+    abl = YAML(typ="safe").load((tmp_path / "stages/quickstart-ablation/dvc.yaml").read_text())["stages"]
+    assert runner.invoke(app, ["compile"]).exit_code == 0
+    root = YAML(typ="safe").load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert not set(abl) & set(root)
+    for shared in ("digits-data", "digits-teacher", "digits-pd-s0004", "digits-pd-s0004-fid", "digits-teacher-s0004-fid"):
+        assert shared in root and shared not in abl
+    assert [n for n in abl if re.fullmatch(r"digits-psi-\dp\d-s\d{4}", n)] == [
+        f"digits-psi-{v}-s{k:04d}" for v in ("0p8", "0p9", "1p0", "1p1", "1p2") for k in (8, 4)
+    ]
+    produced = {}
+    for name, st in [*root.items(), *abl.items()]:
+        for out in st.get("outs", []) + st.get("metrics", []):
+            produced[out if isinstance(out, str) else next(iter(out))] = name
+    for name, st in abl.items():
+        assert st["wdir"] == "../.." and st["params"] == [{"stages/quickstart-ablation/params.json": [name]}]
+        for dep in st["deps"]:
+            assert dep.startswith("sferd/") or dep in produced, f"{name}: nothing produces {dep}"
+    render = json.loads((tmp_path / "stages/quickstart-ablation/params.json").read_text())["quickstart-ablation-render"]
+    assert [r["label"] for r in render["rows"] if r["steps"] == 4][:3] == ["Teacher (DDIM, no distillation)", "PD (no guidance)", "ψ = 0.8"]
+
+
+def test_same_stage_name_with_other_params_in_another_pipeline_is_an_error(tmp_path, monkeypatch):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from sferd.cli import app
+
+    shutil.copytree(ROOT / "sferd", tmp_path / "sferd", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "specs", tmp_path / "specs")
+    abl = tmp_path / "specs/quickstart-ablation.yaml"
+    abl.write_text(abl.read_text().replace("  updates: 2000\n", "  updates: 2001\n", 1))  # another teacher
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["compile"])
+    assert r.exit_code == 1
+    assert "stage digits-teacher is also defined by specs/quickstart.yaml with different parameters" in r.stderr
+    assert not (tmp_path / "dvc.yaml").exists()

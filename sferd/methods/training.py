@@ -165,4 +165,5 @@ def train_loop(
     # Keep the final state too, so a re-run of an identical config is a no-op resume.
     save(updates)
     final = sum(recent) / len(recent) if recent else None
-    return {"loss_mean_last200": final, "updates": updates}
+    # mean training loss over the last (up to 200) updates of this run, and how many that was
+    return {"loss_mean_recent": final, "loss_window_updates": len(recent), "updates": updates}

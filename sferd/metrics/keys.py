@@ -17,7 +17,6 @@ FID_IMPL = "fid_impl"
 FEATURE_EXTRACTOR = "feature_extractor"
 WEIGHTS_SHA256 = "weights_sha256"
 STAGE = "stage"
-SPEC = "spec"
 
 ALL_KEYS = (
     FID,
@@ -32,7 +31,6 @@ ALL_KEYS = (
     FEATURE_EXTRACTOR,
     WEIGHTS_SHA256,
     STAGE,
-    SPEC,
 )
 
 # ---- values of FEATURE_EXTRACTOR (the names registered in torch-fidelity's extractor registry)

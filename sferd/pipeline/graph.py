@@ -245,9 +245,9 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
             Stage(
                 name=name,
                 kind=kind,
+                # no spec path here: the same FID stage (teacher, calibration) may serve several specs
                 params={
                     "kind": kind,
-                    "spec": spec_path,
                     "row": row,
                     "steps": steps,
                     "source": source,

@@ -105,7 +105,6 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
         params["outputs"]["metrics"],
         {
             keys.STAGE: name,
-            keys.SPEC: params["spec"],
             "row": params["row"],
             keys.FID: fid,
             keys.STEPS: steps,
