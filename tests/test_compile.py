@@ -185,3 +185,18 @@ def test_same_stage_name_with_other_params_in_another_pipeline_is_an_error(tmp_p
     assert r.exit_code == 1
     assert "stage digits-teacher is also defined by specs/quickstart.yaml with different parameters" in r.stderr
     assert not (tmp_path / "dvc.yaml").exists()
+
+
+def test_docstring_only_package_inits_are_not_deps(tmp_path):
+    from sferd.pipeline.codedeps import module_closure
+
+    pkg = tmp_path / "sferd"
+    (pkg / "a").mkdir(parents=True)
+    (pkg / "b").mkdir()
+    (pkg / "__init__.py").write_text('__version__ = "1"\n')
+    (pkg / "a/__init__.py").write_text('"""Only a docstring."""\n')
+    (pkg / "b/__init__.py").write_text('"""Docstring, then code."""\nLIMIT = 3\n')
+    (pkg / "a/x.py").write_text("from sferd.b import y\n")
+    (pkg / "b/y.py").write_text("X = 1\n")
+    files = module_closure(str(tmp_path), "sferd.a.x")
+    assert files == ("sferd/a/x.py", "sferd/b/__init__.py", "sferd/b/y.py")

@@ -64,5 +64,15 @@ def module_closure(root: str, module: str) -> tuple[str, ...]:
         todo.extend(".".join(parts[:k]) for k in range(1, len(parts)))
         todo.extend(_imports(path, mod))
     # sferd/__init__.py only carries the version string; depending on it would retrain everything on a bump.
-    files = {p.relative_to(rootp).as_posix() for m, p in seen.items() if m != PACKAGE}
+    # A package __init__ holding nothing but its docstring cannot change what a stage computes; leaving it out
+    # keeps dvc.lock (parsed several times per `dvc repro`) smaller. Once such a file gains code it becomes a
+    # dep again, `sferd-spec compile --check` reports dvc.yaml stale, and the recompiled stages re-run.
+    files = {p.relative_to(rootp).as_posix() for m, p in seen.items() if m != PACKAGE and not _docstring_only(p)}
     return tuple(sorted(files))
+
+
+def _docstring_only(path: Path) -> bool:
+    body = ast.parse(path.read_text(encoding="utf-8"), filename=str(path)).body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+        body = body[1:]
+    return path.name == "__init__.py" and not body

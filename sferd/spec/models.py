@@ -328,7 +328,7 @@ class SferdPDMethod(ChainFields):
     """SFERD on progressive distillation: guided-teacher halvings, then a predictor + latent prior per evaluated
     student (D5). `guidance: null` or `predictor: null` give the single-component ablation rows."""
 
-    kind: Literal["sferd_pd"] = Field(description="Method discriminator.")
+    kind: Literal["sferd"] = Field(description="Method discriminator: `sferd` is SFERD on progressive distillation (SFERD-PD).")
     name: str = Field("sferd", description="Row id in tables and stage names ([a-z0-9-]).")
     label: str = Field("SFERD-PD", description="Row label in rendered tables.")
     guidance: GuidanceSpec | None = Field(description="Attention-guided teacher in every halving (null: plain PD teacher).")
