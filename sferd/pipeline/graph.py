@@ -62,7 +62,9 @@ def _model_config(spec: Spec, *, dropout: float | None = None) -> dict[str, Any]
 
 def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     p = spec.dataset.short
-    ds = spec.dataset.model_dump(mode="json")
+    # `source` (where downloaded files live) matters to the data stage only: moving the files must not
+    # retrain anything downstream, whose inputs are the data stage's outputs.
+    ds = spec.dataset.model_dump(mode="json", exclude={"source"})
     stages: list[Stage] = []
 
     # ---- data
@@ -74,7 +76,8 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
         Stage(
             name=data_name,
             kind="data",
-            params={"kind": "data", "dataset": ds, "outputs": {"dir": data_dir}},
+            params={"kind": "data", "dataset": ds, "outputs": {"dir": data_dir},
+                    **({"source": spec.dataset.source.model_dump(mode="json")} if spec.dataset.source else {})},
             deps=(),
             outs=(data_dir,),
             cost={"images": n_train_hint},
@@ -373,7 +376,7 @@ def _chain(
                 params={
                     "kind": "distill",
                     "seed": seed,
-                    "dataset": spec.dataset.model_dump(mode="json"),
+                    "dataset": spec.dataset.model_dump(mode="json", exclude={"source"}),
                     "student_steps": steps,
                     "teacher": {
                         "checkpoint": f"{prev_dir}/model.pt",

@@ -87,6 +87,14 @@ def check_spec(spec: Spec) -> list[Problem]:
                 (("teacher", "model", "attention_resolutions", k),
                  f"the U-Net has no {r}×{r} level at {res}×{res} input (levels: {levels})")
             )
+    digits = spec.dataset.id.startswith("digits-")
+    if digits and spec.dataset.source is not None:
+        problems.append((("dataset", "source"), "digits are embedded in scikit-learn: remove `source`"))
+    if not digits and spec.dataset.source is None:
+        problems.append((("dataset", "id"), f"{spec.dataset.id} needs `dataset.source.data_dir` (where its files are)"))
+    if spec.dataset.source is not None and spec.dataset.id == "imagenet-64x64" and spec.dataset.source.download:
+        problems.append((("dataset", "source", "download"), "ImageNet 64×64 cannot be downloaded automatically; "
+                         "fetch the npz files by hand and set data_dir"))
     if model.class_conditional and spec.dataset.num_classes < 2:
         problems.append((("teacher", "model", "class_conditional"), f"{spec.dataset.id} has no class labels"))
 

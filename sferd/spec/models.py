@@ -44,6 +44,17 @@ DATASETS: dict[str, tuple[str, int, int, int]] = {
 }
 
 
+class DataSourceSpec(Model):
+    """Where a downloaded dataset lives (CIFAR-10, ImageNet 64×64); digits need none (embedded)."""
+
+    data_dir: str = Field(
+        description="Folder with the dataset files: CIFAR-10's `cifar-10-batches-py/` lives inside it; for "
+        "ImageNet 64×64 it holds `train_data_batch_1..10.npz` and `val_data.npz`. Relative to the repo root."
+    )
+    download: bool = Field(False, description="CIFAR-10 only: let torchvision download it (a connected machine).")
+    verify_checksums: bool = Field(True, description="CIFAR-10 only: check torchvision's md5 sums of the batches.")
+
+
 class DatasetSpec(Model):
     id: DatasetId = Field(
         description="Dataset and resolution. `digits-*` is scikit-learn's load_digits (8×8 native, "
@@ -61,6 +72,11 @@ class DatasetSpec(Model):
         False,
         description="Random horizontal flips in training (PD on CIFAR-10/ImageNet: on; digits: off, a "
         "mirrored digit is another glyph).",
+    )
+    source: DataSourceSpec | None = Field(
+        None,
+        description="Where CIFAR-10 / ImageNet 64×64 files are (required for them; digits: null). Only the data "
+        "stage reads it; the held-out split of these datasets is their official test / validation set.",
     )
 
     @property

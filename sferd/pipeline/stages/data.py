@@ -10,18 +10,35 @@ from sferd.pipeline.errors import StageError
 
 def run(name: str, params: dict) -> None:
     ds = params["dataset"]
-    out = fresh_dir(params["outputs"]["dir"])
-    if not ds["id"].startswith("digits-"):
-        raise StageError(f"dataset {ds['id']} is not available in this version (only digits-*)")
-    from sferd.data.digits import load_digits_uint8, stratified_split
-
     resolution = int(ds["id"].split("x")[-1])
-    images, labels = load_digits_uint8(resolution)
-    train, held = stratified_split(labels, ds["heldout_fraction"], ds["split_seed"])
-    write_npz(out / "train.npz", images=images[train], labels=labels[train])
-    write_npz(out / "heldout.npz", images=images[held], labels=labels[held])
-    write_json(
-        Path(out) / "config.json",
-        {"stage": name, "params": params, "num_train": int(len(train)), "num_heldout": int(len(held))},
-    )
-    print(f"{name}: {len(train)} training and {len(held)} held-out images at {resolution}×{resolution}")
+    # read (and fail on missing files) before touching the output folder, so nothing is left half-written
+    if ds["id"].startswith("digits-"):
+        from sferd.data.digits import load_digits_uint8, stratified_split
+
+        images, labels = load_digits_uint8(resolution)
+        train, held = stratified_split(labels, ds["heldout_fraction"], ds["split_seed"])
+        splits = {"train": (images[train], labels[train]), "heldout": (images[held], labels[held])}
+    else:
+        src = params.get("source")
+        if not src:
+            raise StageError(f"dataset {ds['id']} needs dataset.source.data_dir in the spec; recompile")
+        if ds["id"] == "cifar10-32x32":
+            from sferd.data.cifar10 import load_cifar10
+
+            kw = {"download": src["download"], "verify_checksums": src["verify_checksums"]}
+            # the held-out split is the official test set
+            splits = {"train": load_cifar10(src["data_dir"], train=True, **kw),
+                      "heldout": load_cifar10(src["data_dir"], train=False, **kw)}
+        elif ds["id"] == "imagenet-64x64":
+            from sferd.data.imagenet64 import load_imagenet64
+
+            splits = {"train": load_imagenet64(src["data_dir"], train=True),
+                      "heldout": load_imagenet64(src["data_dir"], train=False)}
+        else:
+            raise StageError(f"no loader for dataset {ds['id']}")
+    out = fresh_dir(params["outputs"]["dir"])
+    for split, (x, y) in splits.items():
+        write_npz(out / f"{split}.npz", images=x, labels=y)
+    n_train, n_held = len(splits["train"][1]), len(splits["heldout"][1])
+    write_json(Path(out) / "config.json", {"stage": name, "params": params, "num_train": n_train, "num_heldout": n_held})
+    print(f"{name}: {n_train} training and {n_held} held-out images at {resolution}×{resolution}")
