@@ -25,6 +25,13 @@ def _module_file(root: Path, module: str) -> Path | None:
 
 
 def _imports(path: Path, module: str) -> set[str]:
+    return set(_imports_cached(str(path), module))
+
+
+@lru_cache(maxsize=None)
+def _imports_cached(path_str: str, module: str) -> frozenset[str]:
+    """One parse per file per process: every stage kind's closure walks the same core modules."""
+    path = Path(path_str)
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     is_pkg = path.name == "__init__.py"
     found: set[str] = set()
@@ -42,7 +49,7 @@ def _imports(path: Path, module: str) -> set[str]:
             found.add(mod)
             # `from sferd.diffusion import schedule` imports a submodule
             found.update(f"{mod}.{a.name}" for a in node.names)
-    return {m for m in found if m == PACKAGE or m.startswith(PACKAGE + ".")}
+    return frozenset(m for m in found if m == PACKAGE or m.startswith(PACKAGE + "."))
 
 
 @lru_cache(maxsize=None)
