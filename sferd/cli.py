@@ -220,26 +220,59 @@ def compile_(
         print("nothing to do: generated files are up to date")
 
 
+# Stated throughput for the GPU-hour estimate: an A100's dense bf16 peak (312 TFLOP/s) at 40 % utilisation,
+# a typical figure for U-Net training. `--tflops` sets another.
+DEFAULT_TFLOPS = 125.0
+
+
+def _unet_gflops(model: dict) -> float:
+    """FLOPs of one image through the U-Net, counted by torch on meta tensors (no memory, no compute)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sferd.nn.build import build_unet
+
+    with torch.device("meta"):
+        net = build_unet(model)
+        r, c = model["resolution"], model["in_channels"]
+        y = torch.zeros(1, dtype=torch.long) if model.get("num_classes") else None
+        counter = FlopCounterMode(display=False)
+        with counter:
+            net(torch.zeros(1, c, r, r), torch.zeros(1), y)
+    return counter.get_total_flops() / 1e9
+
+
 @app.command()
-def plan(spec: Path = typer.Argument(..., help="Spec file.")) -> None:
-    """Print the stage graph in order with inputs, outputs and estimated work.
+def plan(
+    spec: Path = typer.Argument(..., help="Spec file."),
+    tflops: float = typer.Option(DEFAULT_TFLOPS, "--tflops", min=1e-6,
+                                 help="Sustained TFLOP/s per GPU for the GPU-hour estimate (default: A100 bf16 at 40 %)."),
+) -> None:
+    """Print the stage graph in order with inputs, outputs and estimated work (forward passes, GPU-hours).
 
     Examples:
       sferd-spec plan specs/quickstart.yaml
+      sferd-spec plan specs/table2.yaml --tflops 60
     """
     [(path, s)] = _load_all([spec])
     stages = _graph(s, path)
+    teacher = next(st for st in stages if st.kind == "teacher")
+    gflops = _unet_gflops(teacher.params["model"])
+    hours_per_pass = gflops * 1e9 / (tflops * 1e12) / 3600.0
     total = 0.0
     for k, st in enumerate(stages, 1):
         fp = st.cost.get("forward_passes", 0.0)
         total += fp
-        print(f"{k:3d}. {st.name}  [{st.kind}]" + (f"  ~{_human(fp)} image forward passes" if fp else ""))
+        cost = f"  ~{_human(fp)} image forward passes, ~{fp * hours_per_pass:.3g} GPU-h" if fp else ""
+        print(f"{k:3d}. {st.name}  [{st.kind}]{cost}")
         for d in st.deps:
             print(f"       in : {d}")
         for o in (*st.outs, *st.metrics, *st.uncached_outs):
             print(f"       out: {o}")
     print(f"{len(stages)} stages, ~{_human(total)} image forward passes in total "
-          "(a training update counts forward + backward as 3 passes; PD adds 2 teacher passes)")
+          "(a training update counts forward + backward as 3 passes; PD adds 2 teacher passes, guidance 2 more)")
+    print(f"estimate: ~{total * hours_per_pass:,.4g} GPU-hours at {tflops:g} TFLOP/s sustained, "
+          f"{gflops:.4g} GFLOP per U-Net forward pass of one image (counted by torch; every pass priced as one)")
 
 
 @app.command()

@@ -127,3 +127,17 @@ def test_validate_and_compile_do_not_import_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_plan_prices_the_work_in_gpu_hours(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    hours = {}
+    for tflops in ("125", "62.5"):
+        r = runner.invoke(app, ["plan", "specs/table1.yaml", "--tflops", tflops])
+        assert r.exit_code == 0, r.output
+        m = re.search(r"estimate: ~([\d,.]+) GPU-hours at ([\d.]+) TFLOP/s sustained, ([\d.]+) GFLOP per U-Net", r.stdout)
+        assert m, r.stdout[-500:]
+        hours[tflops] = float(m[1].replace(",", ""))
+        assert 20 < float(m[3]) < 60  # PD's 256-channel CIFAR-10 U-Net: tens of GFLOP per 32×32 image
+    assert hours["62.5"] == pytest.approx(2 * hours["125"], rel=1e-3)
+    assert runner.invoke(app, ["plan", "specs/table1.yaml", "--tflops", "0"]).exit_code == 2

@@ -86,3 +86,23 @@ def test_paper_pipelines_are_separate_and_complete(name, halvings):
     assert list(committed) == names
     root = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
     assert not set(root) & set(committed)  # plain `dvc repro` (the root dvc.yaml) never reaches these
+
+
+def test_local_inception_weights_reach_every_fid_stage(tmp_path):
+    from sferd.spec.loader import SpecError
+
+    src = (ROOT / "specs/table1.yaml").read_text()
+    f = tmp_path / "t1.yaml"
+    f.write_text(src.replace("  feature_extractor: inception-v3-compat\n",
+                             "  feature_extractor: inception-v3-compat\n  feature_weights: weights/pt_inception.pth\n"))
+    stages = build_graph(load_spec(f), spec_path="specs/table1.yaml")
+    fids = [s for s in stages if s.kind in ("fid", "fid_sferd")]
+    assert fids and all(s.params["feature_weights"] == "weights/pt_inception.pth" for s in fids)
+    q = tmp_path / "q.yaml"
+    text = (ROOT / "specs/quickstart.yaml").read_text().replace(
+        "  feature_extractor: digits-cnn\n", "  feature_extractor: digits-cnn\n  feature_weights: x.pth\n")
+    q.write_text(text)
+    with pytest.raises(SpecError) as e:
+        load_spec(q)
+    line = text.splitlines().index("  feature_weights: x.pth") + 1
+    assert any(i.format().startswith(f"{q}:{line}:") and "only for inception-v3-compat" in i.format() for i in e.value.issues)

@@ -229,6 +229,8 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
 
     # ---- FID
     ev = spec.evaluation
+    if feat_weights is None:  # Inception: the spec's local file, or None for torch hub's cache
+        feat_weights = ev.feature_weights
     fid_common = {
         "num_samples": ev.num_samples,
         "sample_seed_start": ev.sample_seed_start,

@@ -106,6 +106,8 @@ def check_spec(spec: Spec) -> list[Problem]:
             problems.append((("evaluation", "feature_extractor"), "digits-cnn needs a `features` block (its training stage)"))
     elif spec.features is not None:
         problems.append((("features",), f"unused: feature_extractor is {ev.feature_extractor}"))
+    if ev.feature_weights is not None and ev.feature_extractor != "inception-v3-compat":
+        problems.append((("evaluation", "feature_weights"), "only for inception-v3-compat (digits-cnn weights come from its stage)"))
     if ev.feature_extractor == "inception-v3-compat" and spec.dataset.id.startswith("digits-"):
         problems.append((("evaluation", "feature_extractor"), "Inception features are meaningless on 1-channel digits; use digits-cnn"))
 

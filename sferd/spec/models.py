@@ -408,6 +408,12 @@ class EvaluationSpec(Model):
     reference: Literal["train"] = Field(
         "train", description="Reference set of FID: the training split (D8)."
     )
+    feature_weights: str | None = Field(
+        None,
+        description="inception-v3-compat only: a local copy of torch-fidelity's Inception weights (offline "
+        "machines; repo-relative or absolute). null: torch hub's cache. Checked before any sampling; its "
+        "SHA-256 goes into every metrics file.",
+    )
     calibration: list[Calibration] = Field(
         default_factory=list,
         description="Calibration rows: `heldout` (held-out vs training images, a floor), `noise` (Gaussian noise images, a ceiling).",
