@@ -271,7 +271,9 @@ def plan(
             print(f"       out: {o}")
     print(f"{len(stages)} stages, ~{_human(total)} image forward passes in total "
           "(a training update counts forward + backward as 3 passes; PD adds 2 teacher passes, guidance 2 more)")
-    print(f"estimate: ~{total * hours_per_pass:,.4g} GPU-hours at {tflops:g} TFLOP/s sustained, "
+    h = total * hours_per_pass
+    print(f"estimate: ~{h:,.0f} GPU-hours" if h >= 100 else f"estimate: ~{h:.3g} GPU-hours", end="")
+    print(f" at {tflops:g} TFLOP/s sustained, "
           f"{gflops:.4g} GFLOP per U-Net forward pass of one image (counted by torch; every pass priced as one)")
 
 

@@ -139,5 +139,5 @@ def test_plan_prices_the_work_in_gpu_hours(monkeypatch):
         assert m, r.stdout[-500:]
         hours[tflops] = float(m[1].replace(",", ""))
         assert 20 < float(m[3]) < 60  # PD's 256-channel CIFAR-10 U-Net: tens of GFLOP per 32×32 image
-    assert hours["62.5"] == pytest.approx(2 * hours["125"], rel=1e-3)
+    assert hours["62.5"] == pytest.approx(2 * hours["125"], rel=1e-2)  # printed rounded to whole hours
     assert runner.invoke(app, ["plan", "specs/table1.yaml", "--tflops", "0"]).exit_code == 2
