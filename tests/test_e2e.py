@@ -56,6 +56,13 @@ def test_repro_produces_table_and_metrics(repo):
     assert samples["images"].shape == (64, 8, 8, 1) and samples["images"].dtype.name == "uint8"
     assert samples["seeds"].tolist() == list(range(64))
     assert (d / "dvc.lock").is_file()
+    # figures beside the table: FID-vs-steps plot (+ its data for `dvc plots`) and a sample grid per FID set
+    assert (d / "results/tables/tiny-fid.png").is_file() and "tiny-fid.png" in table
+    assert len((d / "results/tables/tiny-fid.csv").read_text().splitlines()) == 1 + 7 - 2  # model cells only
+    grids = sorted(p.name for p in (d / "results/tables/tiny-samples").iterdir())
+    assert "digits-sferd-s0001-fid.png" in grids and "digits-noise-fid.png" not in grids and len(grids) == 6
+    plots = _run(["dvc", "plots", "show", "--json"], d).stdout
+    assert "tiny-fid.csv" in plots and "steps" in plots
 
 
 def test_sferd_stages_record_costs_and_statistics(repo):

@@ -97,3 +97,43 @@ def test_duplicate_seeds_are_a_located_error(tmp_path):
     else:
         raise AssertionError("duplicate seeds accepted")
     assert "seeds must be distinct" in err and f"q.yaml:{line}:8: error: seeds:" in err
+
+
+def test_sample_grid_places_samples_row_major_with_gutters():
+    import numpy as np
+
+    from sferd.report.figures import MIN_GRID_PIXELS, sample_grid
+
+    imgs = np.stack([np.full((4, 4, 1), k, np.uint8) for k in range(70)])
+    g = sample_grid(imgs, side=8)
+    scale = g.shape[1] // (8 * 5 + 1)
+    assert g.shape[1] >= MIN_GRID_PIXELS and g.shape == (scale * 41, scale * 41, 1)
+    small = g[::scale, ::scale, 0]
+    assert small[1, 1] == 0 and small[1, 1 + 5] == 1 and small[1 + 5, 1] == 8 and small[1 + 35, 1 + 35] == 63
+    assert small[0].max() == 0 and small[:, 5].max() == 0  # black gutters
+
+
+def test_fid_series_averages_seeds_and_drops_missing(tmp_path):
+    from sferd.report.figures import fid_series
+    from sferd.report.table import gather
+
+    rows = [_row("pd", 1, s, _write(tmp_path, f"p{s}", fid=f, nfe=1)) for s, f in [(0, 2.0), (1, 4.0)]]
+    rows.append(_row("pd", 2, 0, "results/metrics/absent.json"))
+    rows.append({"row": "heldout", "label": "Held-out", "steps": None, "metrics": _write(tmp_path, "h", fid=0.1)})
+    series = fid_series(gather(rows, root=tmp_path))
+    assert series.to_dict("records") == [{"model": "PD", "steps": 1, "fid": 3.0, "n": 2}]
+
+
+def test_plot_and_grid_files_are_written(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from sferd.report.figures import write_fid_plot, write_sample_grid
+
+    series = pd.DataFrame({"model": ["PD", "PD"], "steps": [1, 2], "fid": [3.0, 2.0], "n": [1, 1]})
+    write_fid_plot(series, tmp_path / "f.png", tmp_path / "f.csv", "T")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "f.csv").read_text().splitlines()[0] == "model,steps,fid,n"
+    np.savez(tmp_path / "s.npz", images=np.zeros((10, 8, 8, 1), np.uint8))
+    write_sample_grid(tmp_path / "s.npz", tmp_path / "g" / "s.png")
+    assert (tmp_path / "g/s.png").read_bytes()[:4] == b"\x89PNG"

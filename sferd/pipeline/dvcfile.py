@@ -47,7 +47,7 @@ def dvc_documents(stages: list[Stage], *, pipeline: str, root: str) -> tuple[dic
         raise CompileError(f"stage names defined twice: {sorted(dupes)}")
     produced: dict[str, str] = {}
     for s in stages:
-        for o in (*s.outs, *s.metrics, *s.uncached_outs):
+        for o in (*s.outs, *s.metrics, *s.uncached_outs, *(path for path, _ in s.plots)):
             if o in produced:
                 raise CompileError(f"{o} is an output of both {produced[o]} and {s.name}")
             produced[o] = s.name
@@ -73,6 +73,8 @@ def dvc_documents(stages: list[Stage], *, pipeline: str, root: str) -> tuple[dic
             entry["outs"] = outs
         if s.metrics:
             entry["metrics"] = [{m: {"cache": False}} for m in s.metrics]
+        if s.plots:
+            entry["plots"] = [{path: dict(props)} for path, props in s.plots]
         dvc_stages[s.name] = entry
         params[s.name] = s.params
     return {"stages": dvc_stages}, params

@@ -32,6 +32,7 @@ class Stage:
     persist: bool = False  # keep outs between runs so a killed stage resumes
     metrics: tuple[str, ...] = ()  # small JSON, tracked by git (cache: false)
     uncached_outs: tuple[str, ...] = ()  # rendered tables: in git, not in the DVC cache
+    plots: tuple[tuple[str, dict[str, Any]], ...] = ()  # (path, dvc plot props): in git, for `dvc plots`
     cost: dict[str, float] = field(default_factory=dict)  # estimated work, for `plan`
 
 
@@ -265,7 +266,8 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                 cost={"forward_passes": float(ev.num_samples * nfe_per_sample)},
             )
         )
-        fid_rows.append({"row": row, "label": label, "steps": steps, "seed": seed, "metrics": metrics_path(name)})
+        fid_rows.append({"row": row, "label": label, "steps": steps, "seed": seed, "metrics": metrics_path(name),
+                         "samples": f"{out_dir}/samples.npz", "name": name})
 
     for steps in ev.teacher_steps:
         add_fid(
@@ -309,6 +311,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     table = spec.table
     render_name = f"{table.id}-render"
     md = f"{TABLES_DIR}/{table.id}.md"
+    png, csv, grids = f"{TABLES_DIR}/{table.id}-fid.png", f"{TABLES_DIR}/{table.id}-fid.csv", f"{TABLES_DIR}/{table.id}-samples"
     stages.append(
         Stage(
             name=render_name,
@@ -319,11 +322,14 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                 "table": table.model_dump(mode="json"),
                 "rows": fid_rows,
                 "reported": [r.model_dump(mode="json") for r in spec.reported],
-                "outputs": {"markdown": md},
+                "outputs": {"markdown": md, "plot": png, "plot_data": csv, "grids": grids},
             },
-            deps=tuple(r["metrics"] for r in fid_rows),
+            # metrics for the table, the FID stages' folders for the sample grids
+            deps=tuple(r["metrics"] for r in fid_rows) + tuple(stage_dir(r["name"]) for r in fid_rows),
             outs=(),
-            uncached_outs=(md,),
+            uncached_outs=(md, png, grids),
+            plots=((csv, {"cache": False, "x": "steps", "y": "fid", "template": "scatter",
+                          "title": f"{table.title}", "x_label": "sampling steps", "y_label": "FID"}),),
             cost={},
         )
     )
