@@ -256,7 +256,7 @@ def plan(
     """
     [(path, s)] = _load_all([spec])
     stages = _graph(s, path)
-    teacher = next(st for st in stages if st.kind == "teacher")
+    teacher = next(st for st in stages if st.kind in ("teacher", "teacher_import"))
     gflops = _unet_gflops(teacher.params["model"])
     hours_per_pass = gflops * 1e9 / (tflops * 1e12) / 3600.0
     total = 0.0

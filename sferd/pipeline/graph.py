@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sferd.spec.models import PDMethod, PredictorSpec, SferdPDMethod, Spec
+from sferd.spec.models import ExternalTeacherSpec, PDMethod, PredictorSpec, SferdPDMethod, Spec
 
 RESULTS = "results"
 METRICS_DIR = f"{RESULTS}/metrics"
@@ -119,26 +119,46 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     teacher_dir = stage_dir(teacher_name)
     teacher_model = _model_config(spec)
     student_model = _model_config(spec, dropout=0.0)  # PD: students train without dropout
-    stages.append(
-        Stage(
-            name=teacher_name,
-            kind="teacher",
-            params={
-                "kind": "teacher",
-                "seed": spec.seed,
-                "dataset": ds,
-                "model": teacher_model,
-                "training": t.model_dump(mode="json", exclude={"model", "kind"}),
-                "inputs": {"train": train_npz},
-                "outputs": {"dir": teacher_dir, "metrics": metrics_path(teacher_name)},
-            },
-            deps=(data_dir,),
-            outs=(teacher_dir,),
-            persist=True,
-            metrics=(metrics_path(teacher_name),),
-            cost={"forward_passes": 3.0 * t.updates * t.batch_size},
+    if isinstance(t, ExternalTeacherSpec):
+        # imported, not trained: the stage checks the hash and the architecture, then writes the usual model.pt
+        stages.append(
+            Stage(
+                name=teacher_name,
+                kind="teacher_import",
+                params={
+                    "kind": "teacher_import",
+                    "model": teacher_model,
+                    "source": {"path": t.path, "sha256": t.sha256},
+                    "parameterization": t.parameterization,
+                    "outputs": {"dir": teacher_dir, "metrics": metrics_path(teacher_name)},
+                },
+                deps=(),
+                outs=(teacher_dir,),
+                metrics=(metrics_path(teacher_name),),
+                cost={},
+            )
         )
-    )
+    else:
+        stages.append(
+            Stage(
+                name=teacher_name,
+                kind="teacher",
+                params={
+                    "kind": "teacher",
+                    "seed": spec.seed,
+                    "dataset": ds,
+                    "model": teacher_model,
+                    "training": t.model_dump(mode="json", exclude={"model", "kind"}),
+                    "inputs": {"train": train_npz},
+                    "outputs": {"dir": teacher_dir, "metrics": metrics_path(teacher_name)},
+                },
+                deps=(data_dir,),
+                outs=(teacher_dir,),
+                persist=True,
+                metrics=(metrics_path(teacher_name),),
+                cost={"forward_passes": 3.0 * t.updates * t.batch_size},
+            )
+        )
 
     # ---- distillation chains: methods whose chains are identical (same guidance, same training) share one
     # set of stages, named after the first method that needs it (e.g. PD and "SFERD, predictor only").

@@ -9,9 +9,9 @@ source. Nothing here imports torch: `sferd-spec validate` must stay fast.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
@@ -145,25 +145,15 @@ Parameterization = Literal["x", "eps", "v", "both"]
 LossWeighting = Literal["truncated_snr", "snr_plus_one"]
 
 
-class TeacherSpec(Model):
-    kind: Literal["train"] = Field("train", description="`train`: the teacher is trained by a pipeline stage.")
+class _TeacherFields(Model):
     model: UNetSpec = Field(description="Teacher U-Net (PD unet_iddpm; sferd-method.md §12).")
     parameterization: Parameterization = Field(
         "x", description="Network output (PD Table 1: `x` on CIFAR-10, `both` on ImageNet 64×64)."
     )
     loss_weighting: LossWeighting = Field(
         "truncated_snr",
-        description="max(SNR, 1)·x-MSE (`truncated_snr`, PD's choice) or (1+SNR)·x-MSE = v-MSE.",
-    )
-    updates: int = Field(gt=0, description="Optimiser updates (PD does not report its teacher length).")
-    batch_size: int = Field(gt=0, description="Images per update (PD CIFAR-10: 128).")
-    lr: float = Field(gt=0.0, description="Adam learning rate after warm-up (PD CIFAR-10: 2e-4).")
-    warmup_updates: int = Field(0, ge=0, description="Linear warm-up length (PD: 1000).")
-    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (PD CIFAR-10: 0.001).")
-    ema_decay: float = Field(0.9999, ge=0.0, lt=1.0, description="EMA of weights; the EMA is distilled (PD: 0.9999).")
-    grad_clip_norm: float = Field(1.0, gt=0.0, description="Global gradient-norm clip (PD: 1).")
-    checkpoint_every_updates: int = Field(
-        500, gt=0, description="Write the resumable training state this often (a killed stage resumes)."
+        description="max(SNR, 1)·x-MSE (`truncated_snr`, PD's choice) or (1+SNR)·x-MSE = v-MSE; the distillation "
+        "chains use the same weighting.",
     )
 
     @field_validator("loss_weighting")
@@ -175,6 +165,49 @@ class TeacherSpec(Model):
                 "use parameterization x, v or both"
             )
         return v
+
+
+class ExternalTeacherSpec(_TeacherFields):
+    """A teacher trained elsewhere (e.g. by this suite's teacher stage on another machine): imported, not trained."""
+
+    kind: Literal["external"] = Field(description="`external`: the teacher is a checkpoint file, checked by its hash.")
+    path: str = Field(description="Checkpoint file (repo-relative or absolute): a `model.pt` of this suite's teacher "
+                      "stage, or a bare state_dict of the same U-Net.")
+    sha256: str = Field(description="SHA-256 of the file (64 hex digits); a mismatch stops the import stage.")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if len(v) != 64 or any(c not in "0123456789abcdef" for c in v.lower()):
+            raise ValueError("sha256 must be 64 hexadecimal digits (`sha256sum FILE` prints it)")
+        return v.lower()
+
+
+class TeacherSpec(_TeacherFields):
+    kind: Literal["train"] = Field("train", description="`train`: the teacher is trained by a pipeline stage.")
+    updates: int = Field(gt=0, description="Optimiser updates (PD does not report its teacher length).")
+    batch_size: int = Field(gt=0, description="Images per update (PD CIFAR-10: 128).")
+    lr: float = Field(gt=0.0, description="Adam learning rate after warm-up (PD CIFAR-10: 2e-4).")
+    warmup_updates: int = Field(0, ge=0, description="Linear warm-up length (PD: 1000).")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (PD CIFAR-10: 0.001).")
+    ema_decay: float = Field(0.9999, ge=0.0, lt=1.0, description="EMA of weights; the EMA is distilled (PD: 0.9999).")
+    grad_clip_norm: float = Field(1.0, gt=0.0, description="Global gradient-norm clip (PD: 1).")
+    checkpoint_every_updates: int = Field(
+        500, gt=0, description="Write the resumable training state this often (a killed stage resumes)."
+    )
+
+
+def _teacher_kind(v: Any) -> str:
+    """`kind` may be left out for a trained teacher (the common case)."""
+    if isinstance(v, dict):
+        return v.get("kind", "train")
+    return getattr(v, "kind", "train")
+
+
+Teacher = Annotated[
+    Union[Annotated[TeacherSpec, Tag("train")], Annotated[ExternalTeacherSpec, Tag("external")]],
+    Discriminator(_teacher_kind),
+]
 
 
 class FeatureNetSpec(Model):
@@ -480,7 +513,7 @@ class Spec(Model):
     features: FeatureNetSpec | None = Field(
         None, description="FID feature network trained by a stage (required when feature_extractor is digits-cnn)."
     )
-    teacher: TeacherSpec = Field(description="The diffusion model every method distils.")
+    teacher: Teacher = Field(description="The diffusion model every method distils: trained by a stage or imported.")
     methods: list[Method] = Field(min_length=1, description="Distillation methods, one chain each.")
     evaluation: EvaluationSpec = Field(description="FID protocol.")
     table: TableSpec = Field(description="The rendered table.")
