@@ -294,3 +294,19 @@ def test_inception_weights_found_in_cache_root(tmp_path, no_download):
 def test_unknown_extractor_rejected(images_a):
     with pytest.raises(ValueError, match="supported"):
         compute_fid(images_a, images_a, feature_extractor="vgg16", weights_path=None)
+
+
+def test_fid_against_stored_statistics_equals_torch_fidelity(weights, images_a, images_b):
+    """The FID stages measure against the reference-statistics stage's (mu, sigma): same number as
+    torch-fidelity computing both sides itself."""
+    from sferd.metrics.fid import fid_against_statistics, reference_statistics, statistics_file_name
+
+    b = _brighten(images_b, 25)
+    stats = reference_statistics(images_a, feature_extractor=DIGITS, weights_path=weights)
+    assert int(stats["num_images"]) == len(images_a) and stats["sigma"].shape == (stats["mu"].shape[0],) * 2
+    stored = {k: np.asarray(v) for k, v in stats.items()}  # as read back from the npz
+    ours = fid_against_statistics(b, stored, feature_extractor=DIGITS, weights_path=weights)
+    assert ours > 0 and ours == pytest.approx(_fid(b, images_a, weights), rel=1e-6)
+    assert fid_against_statistics(images_a, stored, feature_extractor=DIGITS, weights_path=weights) == pytest.approx(0, abs=1e-6)
+    name = statistics_file_name(DIGITS, "a" * 64, "b" * 64)
+    assert name == f"fid-stats-{DIGITS}-ref{'a' * 12}-w{'b' * 12}.npz"

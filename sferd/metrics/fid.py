@@ -228,6 +228,49 @@ def extract_features(
     return feats.numpy()
 
 
+def reference_statistics(
+    images: np.ndarray | NpzImages,
+    *,
+    feature_extractor: str,
+    weights_path: str | os.PathLike | None,
+    cache_root: str | os.PathLike | None = None,
+    batch_size: int = 64,
+) -> dict[str, np.ndarray]:
+    """FID statistics (mu, sigma) of a reference set, by torch-fidelity's own statistics function: computed once
+    by the reference-statistics stage instead of once per FID stage (50k–1.28M images at paper scale)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    feats = extract_features(images, feature_extractor=feature_extractor, weights_path=weights_path,
+                             cache_root=cache_root, batch_size=batch_size)
+    stats = fid_features_to_statistics(torch.from_numpy(feats))
+    return {"mu": stats["mu"], "sigma": stats["sigma"], "num_images": np.asarray(len(feats))}
+
+
+def fid_against_statistics(
+    images: np.ndarray | NpzImages,
+    reference: dict[str, np.ndarray],
+    *,
+    feature_extractor: str,
+    weights_path: str | os.PathLike | None,
+    cache_root: str | os.PathLike | None = None,
+    batch_size: int = 64,
+) -> float:
+    """FID of `images` against stored reference statistics: the same extractor, layer, statistics and metric
+    functions as `torch_fidelity.calculate_metrics` (a test keeps the two equal)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    feats = extract_features(images, feature_extractor=feature_extractor, weights_path=weights_path,
+                             cache_root=cache_root, batch_size=batch_size)
+    stats = fid_features_to_statistics(torch.from_numpy(feats))
+    ref = {"mu": np.asarray(reference["mu"]), "sigma": np.asarray(reference["sigma"])}
+    return float(fid_statistics_to_metric(stats, ref, False)[KEY_METRIC_FID])
+
+
+def statistics_file_name(feature_extractor: str, reference_sha256: str, weights_sha256: str) -> str:
+    """Cache name of reference statistics: which extractor, which data, which weights (12 hex digits each)."""
+    return f"fid-stats-{feature_extractor}-ref{reference_sha256[:12]}-w{weights_sha256[:12]}.npz"
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, with scipy's matrix square root.
 

@@ -82,15 +82,20 @@ def read_npz(path: str | Path, *, produced_by: str = "") -> dict[str, np.ndarray
 
 
 def torch_save(path: str | Path, obj: Any) -> None:
+    """Atomic and byte-reproducible: torch.save names the zip's top folder after the file, so the temporary file
+    gets the final name (inside a temporary folder) — otherwise equal weights would hash differently per run."""
     import torch
 
     path = Path(path)
-    tmp = _tmp_for(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = tmp_dir / path.name
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        tmp_dir.rmdir()
 
 
 def torch_load(path: str | Path, *, produced_by: str = "") -> Any:

@@ -252,13 +252,29 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     ev = spec.evaluation
     if feat_weights is None:  # Inception: the spec's local file, or None for torch hub's cache
         feat_weights = ev.feature_weights
+    # reference statistics once, not per FID stage (the reference is the whole training set)
+    ref_name = f"{p}-reference-stats"
+    ref_dir = stage_dir(ref_name)
+    reference = {"name": f"{spec.dataset.id}-{ev.reference}", "path": train_npz}
+    stages.append(
+        Stage(
+            name=ref_name,
+            kind="reference",
+            params={"kind": "reference", "feature_extractor": ev.feature_extractor, "feature_weights": feat_weights,
+                    "reference": reference, "batch_size": ev.sample_batch_size, "outputs": {"dir": ref_dir}},
+            deps=(data_dir, *feat_deps),
+            outs=(ref_dir,),
+            cost={},
+        )
+    )
     fid_common = {
         "num_samples": ev.num_samples,
         "sample_seed_start": ev.sample_seed_start,
         "sample_batch_size": ev.sample_batch_size,
         "feature_extractor": ev.feature_extractor,
         "feature_weights": feat_weights,
-        "reference": {"name": f"{spec.dataset.id}-{ev.reference}", "path": train_npz},
+        "reference": {**reference, "stats_dir": ref_dir},
+        "image_shape": [spec.dataset.channels, spec.dataset.resolution, spec.dataset.resolution],
         "dataset": ds,
     }
     fid_rows: list[dict[str, Any]] = []
@@ -280,7 +296,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                     **fid_common,
                     "outputs": {"dir": out_dir, "metrics": metrics_path(name)},
                 },
-                deps=(data_dir, *feat_deps, *deps),
+                deps=(data_dir, *feat_deps, ref_dir, *deps),
                 outs=(out_dir,),
                 metrics=(metrics_path(name),),
                 cost={"forward_passes": float(ev.num_samples * nfe_per_sample)},

@@ -12,9 +12,28 @@ from __future__ import annotations
 import numpy as np
 
 from sferd.metrics import keys
-from sferd.pipeline.artifacts import fresh_dir, read_npz, sha256_file, write_json, write_npz
+from sferd.pipeline.artifacts import fresh_dir, read_npz, write_json, write_npz
 from sferd.pipeline.errors import StageError
 from sferd.pipeline.stages.common import load_model
+
+
+def _reference_statistics(reference: dict, weights: str) -> dict:
+    """The reference-statistics stage's output, checked against the weights this stage measures with."""
+    import json
+    from pathlib import Path
+
+    from sferd.metrics.fid import file_sha256
+
+    folder = Path(reference["stats_dir"])
+    info_path = folder / "stats.json"
+    if not info_path.is_file():
+        raise StageError(f"no reference statistics in {folder}: run `dvc repro {folder.name}` first")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    if info[keys.WEIGHTS_SHA256] != file_sha256(weights):
+        raise StageError(f"reference statistics in {folder} were computed with other extractor weights: "
+                         f"re-run `dvc repro {folder.name}`")
+    with np.load(folder / info["file"], allow_pickle=False) as z:
+        return {"mu": z["mu"], "sigma": z["sigma"], "ref_sha256": info[keys.REF_SHA256]}
 
 
 def seed_range(start: int, n: int) -> str:
@@ -68,17 +87,21 @@ def _noise_images(seeds: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
 def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> None:
     """`make_sampler(source, net, steps) -> sample(noise, seeds, y)` replaces DDIM for methods with their own
     sampler; `extra_metrics(params)` adds method-specific cost keys."""
-    from sferd.metrics.fid import FeatureExtractorWeightsError, compute_fid, fid_provenance, resolve_feature_extractor_weights
+    from sferd.metrics.fid import (
+        FeatureExtractorWeightsError,
+        fid_against_statistics,
+        fid_provenance,
+        resolve_feature_extractor_weights,
+    )
 
     weights = params["feature_weights"]
     extractor = params["feature_extractor"]
     try:  # before any sampling: a missing extractor must not cost a sampling run
-        resolve_feature_extractor_weights(extractor, weights)
+        resolved = resolve_feature_extractor_weights(extractor, weights)
     except FeatureExtractorWeightsError as e:
         raise StageError(str(e)) from e
+    ref_stats = _reference_statistics(params["reference"], resolved)
     out = fresh_dir(params["outputs"]["dir"])
-    ref_path = params["reference"]["path"]
-    ref = read_npz(ref_path)["images"]
 
     src = params["source"]
     start, n = params["sample_seed_start"], params["num_samples"]
@@ -94,13 +117,13 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
         seeds = np.full(len(images), -1, dtype=np.int64)  # real images: no sampling seed
         nfe = 0
     elif src["kind"] == "noise":
-        h, w, c = ref.shape[1:]
+        c, h, w = params["image_shape"]
         images, labels, nfe = _noise_images(seeds, (c, h, w)), np.full(n, -1, dtype=np.int64), 0
     else:
         raise StageError(f"unknown FID source {src['kind']!r}")
     write_npz(out / "samples.npz", images=images, labels=labels, seeds=seeds)
 
-    fid = compute_fid(images, ref, feature_extractor=extractor, weights_path=weights)
+    fid = fid_against_statistics(images, ref_stats, feature_extractor=extractor, weights_path=resolved)
     write_json(
         params["outputs"]["metrics"],
         {
@@ -113,7 +136,7 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
             keys.NUM_SAMPLES: int(len(images)),
             keys.SEEDS: seed_range(start, n) if src["kind"] != "heldout" else "real images",
             keys.REF: params["reference"]["name"],
-            keys.REF_SHA256: sha256_file(ref_path),
+            keys.REF_SHA256: ref_stats["ref_sha256"],
             **fid_provenance(feature_extractor=extractor, weights_path=weights),
         },
     )
