@@ -200,3 +200,21 @@ def test_docstring_only_package_inits_are_not_deps(tmp_path):
     (pkg / "b/y.py").write_text("X = 1\n")
     files = module_closure(str(tmp_path), "sferd.a.x")
     assert files == ("sferd/a/x.py", "sferd/b/__init__.py", "sferd/b/y.py")
+
+
+def test_code_fingerprint_follows_the_stage_code_only(tmp_path):
+    """A training stage resumes only under the code that wrote its state: the runner stamps this fingerprint
+    into the config, and it changes exactly when one of the stage's code deps changes."""
+    import shutil
+
+    from sferd.pipeline.codedeps import code_fingerprint, stage_code
+
+    shutil.copytree(ROOT / "sferd", tmp_path / "sferd", ignore=shutil.ignore_patterns("__pycache__"))
+    root = str(tmp_path)
+    before = code_fingerprint(root, "teacher")
+    assert "sferd/pipeline/codedeps.py" in stage_code(root, "teacher")  # the runner imports it
+    (tmp_path / "sferd/cli.py").write_text((tmp_path / "sferd/cli.py").read_text() + "\n# unrelated\n")
+    assert code_fingerprint(root, "teacher") == before
+    p = tmp_path / "sferd/methods/teacher.py"
+    p.write_text(p.read_text() + "\n# a change to the training code\n")
+    assert code_fingerprint(root, "teacher") != before

@@ -9,6 +9,7 @@ needs no torch and is the same on every machine.
 from __future__ import annotations
 
 import ast
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -83,3 +84,24 @@ def _docstring_only(path: Path) -> bool:
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
         body = body[1:]
     return path.name == "__init__.py" and not body
+
+
+RUNNER = "sferd.pipeline.run"
+# Non-Python files a stage kind reads (templates), which the import scan cannot see.
+DATA_DEPS: dict[str, tuple[str, ...]] = {"render": ("sferd/report/templates/table.md.j2",)}
+
+
+def stage_code(root: str, kind: str) -> tuple[str, ...]:
+    """Every source file a stage of this kind runs: its DVC code deps."""
+    files = set(module_closure(root, RUNNER)) | set(module_closure(root, f"sferd.pipeline.stages.{kind}"))
+    return tuple(sorted(files | set(DATA_DEPS.get(kind, ()))))
+
+
+def code_fingerprint(root: str, kind: str) -> str:
+    """SHA-256 over the stage's code deps (paths and contents). The runner adds it to the stage's config, so a
+    training stage resumes its saved state only under the code that wrote it: after a code change DVC re-runs
+    the stage and it trains again instead of re-saving its old final state."""
+    h = hashlib.sha256()
+    for rel in stage_code(root, kind):
+        h.update(rel.encode() + b"\0" + (Path(root) / rel).read_bytes() + b"\0")
+    return h.hexdigest()

@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params, args.stage)
+        from sferd.pipeline.codedeps import code_fingerprint
+
+        # part of the config every checkpoint and resumable state records (see code_fingerprint)
+        params["code_sha256"] = code_fingerprint(str(Path(__file__).resolve().parents[2]), params["kind"])
         module = importlib.import_module(f"sferd.pipeline.stages.{params['kind']}")
         module.run(args.stage, params)
     except StageError as e:
