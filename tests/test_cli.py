@@ -141,3 +141,20 @@ def test_plan_prices_the_work_in_gpu_hours(monkeypatch):
         assert 20 < float(m[3]) < 60  # PD's 256-channel CIFAR-10 U-Net: tens of GFLOP per 32×32 image
     assert hours["62.5"] == pytest.approx(2 * hours["125"], rel=1e-2)  # printed rounded to whole hours
     assert runner.invoke(app, ["plan", "specs/table1.yaml", "--tflops", "0"]).exit_code == 2
+
+
+def test_results_index_is_current_and_detects_staleness(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(ROOT)
+    r = runner.invoke(app, ["index", "--check"])
+    assert r.exit_code == 0, r.output  # the committed results/README.md matches the committed metrics
+    for sub in ("sferd", "specs"):
+        shutil.copytree(ROOT / sub, tmp_path / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(tmp_path)  # nothing measured here
+    assert runner.invoke(app, ["index", "--check"]).exit_code == 1
+    assert runner.invoke(app, ["index"]).exit_code == 0
+    text = (tmp_path / "results/README.md").read_text()
+    assert "| `specs/quickstart.yaml` | `.` | 0 | 23 | 0 | `dvc repro` |" in text
+    assert "| `specs/table1.yaml` | `stages/table1` | 0 | 11 | 9 | `dvc repro stages/table1/dvc.yaml` |" in text
+    assert "not rendered yet" in text

@@ -137,3 +137,19 @@ def test_plot_and_grid_files_are_written(tmp_path):
     np.savez(tmp_path / "s.npz", images=np.zeros((10, 8, 8, 1), np.uint8))
     write_sample_grid(tmp_path / "s.npz", tmp_path / "g" / "s.png")
     assert (tmp_path / "g/s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reported_vs_reproduced_lines(tmp_path):
+    rows = [_row("pd", 1, s, _write(tmp_path, f"pd1-{s}", fid=f, nfe=1)) for s, f in [(0, 9.0), (1, 11.0)]]
+    rows.append(_row("pd", 2, 0, "results/metrics/absent.json"))
+    reported = [
+        {"system": "PD (paper)", "method": "pd", "source": "Paper, Table 2", "values": {1: 9.12, 2: 4.51, 4: 3.0}},
+        {"system": "CD", "method": None, "source": "Other", "values": {1: 3.55}},
+        {"system": "PD re-run", "method": "pd", "source": "CM", "values": {1: 8.34, 2: None}, "reason": "not transcribed"},
+    ]
+    text = render_markdown(table_context("spec.yaml", TABLE, rows, reported, root=tmp_path))
+    assert "| PD (paper) | 1 | 9.12 | 10.00 | +0.88 | 10 | 2 | Paper, Table 2 |" in text
+    assert "| PD (paper) | 2 | 4.51 | missing |  |  | 1 | Paper, Table 2 |" in text
+    assert "| PD (paper) | 4 | 3.00 | not planned |  |  | 0 | Paper, Table 2 |" in text
+    assert "| PD re-run | 1 | 8.34 | 10.00 | +1.66 |" in text
+    assert "| CD | 1 |" not in text  # no method of ours to compare with: only in the reported block

@@ -77,6 +77,7 @@ def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[
             else:
                 cells.append(f"{vals[s]:.2f}" if vals[s] is not None else "n/t")
         paper.append({"label": r["system"], "source": r["source"], "reason": r.get("reason"), "cells": cells})
+    comparison = _comparison(model_rows, reported)
     calib = [
         {"label": rec["label"], "fid": f"{rec['fid']:.2f}" if rec["present"] else MISSING,
          "n": rec["metrics_data"]["num_samples"] if rec["present"] else MISSING}
@@ -96,6 +97,7 @@ def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[
         "steps": steps,
         "body": body,
         "paper": paper,
+        "comparison": comparison,
         "calib": calib,
         "provenance": provenance,
         # a cell is one (row, steps) of the table, however many seeds it averages
@@ -107,6 +109,32 @@ def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[
         "commit": _git_commit(root),
         "version": sferd.__version__,
     }
+
+
+def _comparison(model_rows: pd.DataFrame, reported: list[dict]) -> list[dict]:
+    """Reported vs reproduced, for paper rows tied to one of our methods: one line per reported number, with
+    our value when every seed of that cell is measured (else `missing`), the difference ours − reported and the
+    sample count ours rests on. Numbers from other FID implementations: the difference is indicative only."""
+    out = []
+    for r in reported:
+        method = r.get("method")
+        if not method:
+            continue
+        for k, v in sorted(((int(k), v) for k, v in r["values"].items()), key=lambda kv: kv[0]):
+            if v is None:
+                continue
+            hit = model_rows[(model_rows["row"] == method) & (model_rows["steps"] == k)]
+            ours, n = None, None
+            if len(hit) and hit["present"].all():
+                ours = float(hit["fid"].astype(float).mean())
+                n = int(hit.iloc[0]["metrics_data"]["num_samples"])
+            out.append({
+                "system": r["system"], "source": r["source"], "steps": k, "reported": f"{v:.2f}",
+                "ours": f"{ours:.2f}" if ours is not None else (MISSING if len(hit) else "not planned"),
+                "diff": f"{ours - v:+.2f}" if ours is not None else "",
+                "n": n if n is not None else "", "seeds": len(hit),
+            })
+    return out
 
 
 def _sferd_costs(model_rows: pd.DataFrame) -> list[str]:
