@@ -285,7 +285,7 @@ def test_inception_without_local_weights_names_the_download(tmp_path, no_downloa
 
 def test_inception_weights_found_in_cache_root(tmp_path, no_download):
     cached = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
-    cached.write_bytes(b"placeholder")
+    torch.save({"w": torch.zeros(3)}, cached)  # a plain tensor file (the suite refuses anything needing unpickling)
     assert resolve_feature_extractor_weights(INCEPTION, None, cache_root=tmp_path) == str(cached)
     prov = fid_provenance(feature_extractor=INCEPTION, weights_path=None, cache_root=tmp_path)
     assert prov[keys.WEIGHTS_SHA256] == file_sha256(cached)
@@ -310,3 +310,55 @@ def test_fid_against_stored_statistics_equals_torch_fidelity(weights, images_a, 
     assert fid_against_statistics(images_a, stored, feature_extractor=DIGITS, weights_path=weights) == pytest.approx(0, abs=1e-6)
     name = statistics_file_name(DIGITS, "a" * 64, "b" * 64)
     assert name == f"fid-stats-{DIGITS}-ref{'a' * 12}-w{'b' * 12}.npz"
+
+
+@pytest.mark.slow
+def test_inception_path_offline_with_a_local_random_weights_file(tmp_path, monkeypatch):
+    """The paper-scale extractor end to end without network: torch-fidelity's real InceptionV3 module with
+    random weights written to a local file (built by skipping the weight load once), then FID through the
+    suite's code with `weights_path` pointing at that file. Checks plumbing, not the number."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    from sferd.metrics.fid import compute_fid, fid_against_statistics, fid_provenance, reference_statistics
+
+    def refuse(*a, **k):
+        raise AssertionError("tried to download Inception weights")
+
+    monkeypatch.setattr(inception, "load_state_dict_from_url", refuse)
+    seed_file = tmp_path / "seed.pth"
+    torch.save({}, seed_file)
+    original = inception.FeatureExtractorInceptionV3.load_state_dict
+    monkeypatch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+    torch.manual_seed(0)
+    net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(seed_file))
+    monkeypatch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", original)
+    weights = tmp_path / "pt_inception-random.pth"
+    torch.save(net.state_dict(), weights)
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + 60, 0, 255).astype(np.uint8)
+    kw = dict(feature_extractor="inception-v3-compat", weights_path=weights, batch_size=6)
+    fid = compute_fid(a, b, **kw)
+    assert np.isfinite(fid) and fid > 0
+    stats = reference_statistics(a, **kw)
+    assert fid_against_statistics(b, stats, **kw) == pytest.approx(fid, rel=1e-4)
+    prov = fid_provenance(feature_extractor="inception-v3-compat", weights_path=weights)
+    assert prov["feature_extractor"] == "inception-v3-compat" and len(prov["weights_sha256"]) == 64
+
+
+class PickledThing:
+    """An arbitrary class: loading it needs the full unpickler, which is what must be refused."""
+
+
+def test_inception_weights_that_need_unpickling_are_refused(tmp_path):
+    """A weights file with a pickled object (not just tensors) never reaches torch-fidelity's full unpickler."""
+    from sferd.metrics.fid import FeatureExtractorWeightsError, resolve_feature_extractor_weights
+
+    bad = tmp_path / "inception.pth"
+    torch.save({"w": torch.zeros(2), "odd": PickledThing()}, bad)
+    with pytest.raises(FeatureExtractorWeightsError, match="weights_only=True"):
+        resolve_feature_extractor_weights("inception-v3-compat", bad)
+    good = tmp_path / "ok.pth"
+    torch.save({"w": torch.zeros(2)}, good)
+    assert resolve_feature_extractor_weights("inception-v3-compat", good) == str(good)

@@ -10,6 +10,7 @@ of the weights that produced its number, so both extractors need a local file, c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from importlib import metadata
@@ -140,7 +141,7 @@ def resolve_feature_extractor_weights(
                 f"FID feature extractor 'inception-v3-compat': weights file {path} does not exist.\n"
                 + _fetch_hint(url, path)
             )
-        return path
+        return _tensors_only(path)
     root = os.fspath(cache_root) if cache_root is not None else os.path.join(torch.hub.get_dir(), "checkpoints")
     path = os.path.join(root, os.path.basename(urlparse(url).path))
     if not os.path.isfile(path):
@@ -149,6 +150,26 @@ def resolve_feature_extractor_weights(
             "torch-fidelity download them mid-pipeline (offline machines; the weights' SHA-256 goes into the "
             "metrics).\n" + _fetch_hint(url, path)
         )
+    return _tensors_only(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _tensors_only_cached(path: str, size: int, mtime_ns: int) -> None:
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means: not a plain tensor file
+        raise FeatureExtractorWeightsError(
+            f"Inception weights {path} do not load with torch.load(weights_only=True) ({type(e).__name__}); the "
+            "suite hands only plain tensor files to torch-fidelity (which unpickles them fully). Use the official "
+            "pt_inception-2015-12-05 file."
+        ) from None
+
+
+def _tensors_only(path: str) -> str:
+    """torch-fidelity reads Inception weights with weights_only=False; check first that the file holds nothing but
+    tensors, so no user-supplied file can run pickled code (conventions: weights_only everywhere)."""
+    st = os.stat(path)
+    _tensors_only_cached(os.path.abspath(path), st.st_size, st.st_mtime_ns)
     return path
 
 
