@@ -24,13 +24,7 @@ COND_BOTH = UNetConfig(in_channels=3, out_channels=6, resolution=16, base_channe
 LATENT = 12
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Tiny models: intra-op threads only add overhead (and spin-wait when the cores are busy elsewhere).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py
 
 
 def _student(cfg: UNetConfig, seed: int = 0) -> UNet:

@@ -21,12 +21,7 @@ CFG = UNetConfig(in_channels=1, out_channels=1, resolution=8, base_channels=8, c
 LATENT = 6
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py
 
 
 def _student(seed: int = 0) -> UNet:

@@ -25,14 +25,7 @@ IMAGENET_LIKE = UNetConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # These models are tiny: intra-op threads buy nothing, and when another process keeps the cores busy,
-    # OpenMP's spin-waiting makes each small op ~100x slower. Restore the setting for other test files.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py
 
 
 def _inputs(cfg: UNetConfig, batch: int = 2, seed: int = 0):

@@ -1,1 +1,1 @@
-"""Training procedures: teacher, progressive distillation, and (next) SFERD and the baselines."""
+"""Training procedures: teacher, progressive distillation, SFERD (guidance, shifted student, latent prior)."""

@@ -96,3 +96,12 @@ class GuidedDenoiser:
         x0_second, _ = to_x0_eps(self.parameterization, self.net(x_t_degraded, u, y), x_t_degraded, a, s)
         x0_guided = x0 + cfg.strength * (x0_degraded - x0_second)
         return x0_guided, (x_t - a * x0_guided) / s
+
+
+def teacher_denoiser(net: torch.nn.Module, parameterization: str, guidance: dict | None):
+    """The frozen teacher of a PD target: plain (PD) or attention-guided (SFERD), from a stage's `guidance` params."""
+    from sferd.diffusion.denoiser import NetworkDenoiser
+
+    if guidance is None:
+        return NetworkDenoiser(net, parameterization)  # eval mode: no dropout in targets
+    return GuidedDenoiser(net, parameterization, GuidanceConfig.from_params(guidance))

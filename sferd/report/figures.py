@@ -27,12 +27,17 @@ def fid_series(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def write_fid_plot(series: pd.DataFrame, png: str | Path, csv: str | Path, title: str) -> None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def write_fid_plot(series: pd.DataFrame, png: str | Path, csv: str | Path, title: str) -> None:
+    plt = _pyplot()
     atomic_write_text(csv, series.to_csv(index=False))
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for model, g in series.groupby("model", sort=False):
@@ -70,11 +75,7 @@ def sample_grid(images: np.ndarray, side: int = GRID_SIDE) -> np.ndarray:
 
 
 def write_sample_grid(samples_npz: str | Path, png: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     with np.load(samples_npz, allow_pickle=False) as z:
         images = z["images"][: GRID_SIDE * GRID_SIDE]
     grid = sample_grid(images)

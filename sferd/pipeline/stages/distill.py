@@ -19,6 +19,7 @@ def run(name: str, params: dict) -> None:
     from sferd.data.arrays import BatchSampler, to_model_range
     from sferd.diffusion.denoiser import NetworkDenoiser
     from sferd.methods.pd import pd_loss
+    from sferd.methods.guidance import teacher_denoiser
     from sferd.methods.training import linear_to_zero, seed_everything, train_loop
     from sferd.nn.build import build_unet
 
@@ -35,12 +36,7 @@ def run(name: str, params: dict) -> None:
     teacher_net = load_model(params["teacher"]["checkpoint"], params["teacher"]["model"])
     student_net = build_unet(params["model"])
     student_net.load_state_dict(teacher_net.state_dict())
-    if params["guidance"] is None:
-        teacher = NetworkDenoiser(teacher_net, params["parameterization"])  # eval mode: no dropout in targets
-    else:
-        from sferd.methods.guidance import GuidanceConfig, GuidedDenoiser
-
-        teacher = GuidedDenoiser(teacher_net, params["parameterization"], GuidanceConfig.from_params(params["guidance"]))
+    teacher = teacher_denoiser(teacher_net, params["parameterization"], params["guidance"])
     student = NetworkDenoiser(student_net, params["parameterization"])
 
     steps = params["student_steps"]

@@ -17,19 +17,17 @@ from sferd.pipeline.errors import StageError
 from sferd.pipeline.stages.common import load_model
 
 
-def _reference_statistics(reference: dict, weights: str) -> dict:
+def _reference_statistics(reference: dict, weights_sha256: str) -> dict:
     """The reference-statistics stage's output, checked against the weights this stage measures with."""
     import json
     from pathlib import Path
-
-    from sferd.metrics.fid import file_sha256
 
     folder = Path(reference["stats_dir"])
     info_path = folder / "stats.json"
     if not info_path.is_file():
         raise StageError(f"no reference statistics in {folder}: run `dvc repro {folder.name}` first")
     info = json.loads(info_path.read_text(encoding="utf-8"))
-    if info[keys.WEIGHTS_SHA256] != file_sha256(weights):
+    if info[keys.WEIGHTS_SHA256] != weights_sha256:
         raise StageError(f"reference statistics in {folder} were computed with other extractor weights: "
                          f"re-run `dvc repro {folder.name}`")
     with np.load(folder / info["file"], allow_pickle=False) as z:
@@ -51,9 +49,12 @@ def _sample_model(params: dict, seeds: np.ndarray, label: str, make_sampler=None
     model_cfg = src["model"]
     net = load_model(src["checkpoint"], model_cfg)
     if make_sampler is not None:  # a method-specific sampler (SFERD: latent prior + shifted student)
-        custom_sample = make_sampler(src, net, params["steps"])
+        sample = make_sampler(src, net, params["steps"])
     else:
         denoiser = NetworkDenoiser(net, src["parameterization"])
+
+        def sample(noise, seeds, y):
+            return ddim_sample(denoiser, noise, params["steps"], y=y, clip=True)
     shape = (model_cfg["in_channels"], model_cfg["resolution"], model_cfg["resolution"])
     num_classes = model_cfg.get("num_classes")
     labels = np.full(len(seeds), -1, dtype=np.int64)
@@ -68,10 +69,7 @@ def _sample_model(params: dict, seeds: np.ndarray, label: str, make_sampler=None
             idx = slice(lo, lo + bs)
             noise = per_sample_noise(seeds[idx], shape)
             y = torch.from_numpy(labels[idx]) if num_classes else None
-            if make_sampler is not None:
-                chunks.append(to_uint8(custom_sample(noise, seeds[idx], y)))
-            else:
-                chunks.append(to_uint8(ddim_sample(denoiser, noise, params["steps"], y=y, clip=True)))
+            chunks.append(to_uint8(sample(noise, seeds[idx], y)))
             progress.update(len(noise))
     finally:
         progress.close()
@@ -94,13 +92,13 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
         resolve_feature_extractor_weights,
     )
 
-    weights = params["feature_weights"]
     extractor = params["feature_extractor"]
     try:  # before any sampling: a missing extractor must not cost a sampling run
-        resolved = resolve_feature_extractor_weights(extractor, weights)
+        weights = resolve_feature_extractor_weights(extractor, params["feature_weights"])
+        provenance = fid_provenance(feature_extractor=extractor, weights_path=weights)  # hashes the weights once
     except FeatureExtractorWeightsError as e:
         raise StageError(str(e)) from e
-    ref_stats = _reference_statistics(params["reference"], resolved)
+    ref_stats = _reference_statistics(params["reference"], provenance[keys.WEIGHTS_SHA256])
     out = fresh_dir(params["outputs"]["dir"])
 
     src = params["source"]
@@ -123,7 +121,7 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
         raise StageError(f"unknown FID source {src['kind']!r}")
     write_npz(out / "samples.npz", images=images, labels=labels, seeds=seeds)
 
-    fid = fid_against_statistics(images, ref_stats, feature_extractor=extractor, weights_path=resolved)
+    fid = fid_against_statistics(images, ref_stats, feature_extractor=extractor, weights_path=weights)
     write_json(
         params["outputs"]["metrics"],
         {
@@ -137,7 +135,7 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
             keys.SEEDS: seed_range(start, n) if src["kind"] != "heldout" else "real images",
             keys.REF: params["reference"]["name"],
             keys.REF_SHA256: ref_stats["ref_sha256"],
-            **fid_provenance(feature_extractor=extractor, weights_path=weights),
+            **provenance,
         },
     )
     print(f"{name}: FID {fid:.3f} ({len(images)} samples, {extractor})")

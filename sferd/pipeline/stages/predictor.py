@@ -25,8 +25,8 @@ def run(name: str, params: dict) -> None:
 
     import sferd
     from sferd.data.arrays import BatchSampler, to_model_range
-    from sferd.diffusion.denoiser import NetworkDenoiser
     from sferd.methods.sferd import predictor_loss
+    from sferd.methods.guidance import teacher_denoiser
     from sferd.methods.training import EMA, seed_everything, train_loop, warmup_constant
     from sferd.nn.predictor import GradientPredictor
 
@@ -42,12 +42,7 @@ def run(name: str, params: dict) -> None:
 
     student_net = load_model(params["student"]["checkpoint"], params["student"]["model"])
     teacher_net = load_model(params["teacher"]["checkpoint"], params["teacher"]["model"])
-    if params["guidance"] is None:
-        teacher = NetworkDenoiser(teacher_net, params["parameterization"])
-    else:
-        from sferd.methods.guidance import GuidanceConfig, GuidedDenoiser
-
-        teacher = GuidedDenoiser(teacher_net, params["parameterization"], GuidanceConfig.from_params(params["guidance"]))
+    teacher = teacher_denoiser(teacher_net, params["parameterization"], params["guidance"])
 
     encoder = build_encoder(params["encoder"])
     predictor = GradientPredictor(student_net, latent_dim=params["encoder"]["latent_dim"],
