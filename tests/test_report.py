@@ -67,6 +67,7 @@ def test_seeds_repeat_chains_and_sferd_stages_but_not_the_teacher(tmp_path):
     stages = build_graph(load_spec(spec_file), spec_path="q.yaml")
     two = [s.name for s in stages]
     assert set(one) <= set(two)  # seed 0 keeps its names (and so its DVC cache)
+    assert "digits-pd-s0008" in two and not any("-seed0000-" in n for n in two)
     extra = sorted(set(two) - set(one))
     assert extra and all("-seed0007-" in n for n in extra), extra
     assert "digits-teacher" in two and not any(n.startswith("digits-teacher-seed") for n in two)
