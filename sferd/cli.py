@@ -131,29 +131,22 @@ def _default_specs() -> list[Path]:
     return sorted(p for p in SPECS_DIR.glob("*.yaml"))
 
 
-def _compiled_files(specs, context=()) -> dict[str, str]:
-    """Every generated file (path → text) for the pipelines of `specs`.
-
-    A stage that several specs define identically (the shared data, feature network and teacher of an ablation
-    and the quickstart) is written once, in its home pipeline: the root pipeline if a root spec has it, else the
-    first pipeline by name. Other pipelines depend on its outputs, and DVC links the files into one graph.
-    `context` are further specs (all of specs/) consulted only to find those homes.
-    """
-    from sferd.pipeline.dvcfile import CompileError, pipeline_files
-    from sferd.spec.models import Spec
-
-    wanted = {spec.pipeline for _, spec in specs}
+def _homes(specs) -> list[tuple[str, object]]:
+    """(home pipeline, stage) for every distinct stage of `specs`, in graph order per pipeline; exit 1 when two
+    specs define one stage name differently."""
     seen_paths: set[str] = set()
     everything = []
-    for path, spec in [*specs, *context]:
+    for path, spec in specs:
         if path.as_posix() not in seen_paths:
             seen_paths.add(path.as_posix())
             everything.append((path, spec))
-    everything.sort(key=lambda ps: (ps[1].pipeline not in ("", "."), ps[1].pipeline, ps[0].as_posix()))
+    # homes: the root pipeline first, then specs that extend no other (the table an ablation extends owns the
+    # teacher and chain they share), then by pipeline name
+    everything.sort(key=lambda ps: (ps[1].pipeline not in ("", "."), ps[1].extends is not None, ps[1].pipeline,
+                                    ps[0].as_posix()))
     home: dict[str, tuple[str, object, str]] = {}  # stage name → (pipeline, stage, defining spec)
-    by_pipeline: dict[str, list[object]] = {}
+    out: list[tuple[str, object]] = []
     for path, spec in everything:
-        by_pipeline.setdefault(spec.pipeline, [])
         for st in _graph(spec, path):
             if st.name in home:
                 if home[st.name][1] != st:
@@ -164,7 +157,26 @@ def _compiled_files(specs, context=()) -> dict[str, str]:
                     raise typer.Exit(1)
                 continue
             home[st.name] = (spec.pipeline, st, path.as_posix())
-            by_pipeline[spec.pipeline].append(st)
+            out.append((spec.pipeline, st))
+    return out
+
+
+def _compiled_files(specs, context=()) -> dict[str, str]:
+    """Every generated file (path → text) for the pipelines of `specs`.
+
+    A stage that several specs define identically (the shared data, feature network and teacher of an ablation
+    and the quickstart) is written once, in its home pipeline: the root pipeline if a root spec has it, else a
+    spec that extends none, else the first pipeline by name. Other pipelines depend on its outputs, and DVC links
+    the files into one graph.
+    `context` are further specs (all of specs/) consulted only to find those homes.
+    """
+    from sferd.pipeline.dvcfile import CompileError, pipeline_files
+    from sferd.spec.models import Spec
+
+    wanted = {spec.pipeline for _, spec in specs}
+    by_pipeline: dict[str, list[object]] = {}
+    for pipeline, stage in _homes([*specs, *context]):
+        by_pipeline.setdefault(pipeline, []).append(stage)
     files: dict[str, str] = {}
     for pipeline, stages in by_pipeline.items():
         if pipeline not in wanted:
@@ -256,14 +268,21 @@ def plan(
     """
     [(path, s)] = _load_all([spec])
     stages = _graph(s, path)
+    # stages another pipeline owns (an ablation's shared teacher and chain) are run once, there
+    others = [p for p in _default_specs() if p.resolve() != path.resolve()]
+    home = {st.name: pipeline for pipeline, st in _homes([(path, s), *_load_all(others)])}
     teacher = next(st for st in stages if st.kind in ("teacher", "teacher_import"))
     gflops = _unet_gflops(teacher.params["model"])
     hours_per_pass = gflops * 1e9 / (tflops * 1e12) / 3600.0
-    total = 0.0
+    total = shared = 0.0
     for k, st in enumerate(stages, 1):
         fp = st.cost.get("forward_passes", 0.0)
         total += fp
         cost = f"  ~{_human(fp)} image forward passes, ~{fp * hours_per_pass:.3g} GPU-h" if fp else ""
+        owner = home.get(st.name, s.pipeline)
+        if owner != s.pipeline:
+            shared += fp
+            cost += f"  (stage of {owner if owner not in ('', '.') else 'the root pipeline'})"
         print(f"{k:3d}. {st.name}  [{st.kind}]{cost}")
         for d in st.deps:
             print(f"       in : {d}")
@@ -275,6 +294,10 @@ def plan(
     print(f"estimate: ~{h:,.0f} GPU-hours" if h >= 100 else f"estimate: ~{h:.3g} GPU-hours", end="")
     print(f" at {tflops:g} TFLOP/s sustained, "
           f"{gflops:.4g} GFLOP per U-Net forward pass of one image (counted by torch; every pass priced as one)")
+    if shared:
+        own = (total - shared) * hours_per_pass
+        print(f"of which ~{shared * hours_per_pass:,.0f} GPU-hours are stages other pipelines own (run once, shared); "
+              f"this pipeline's own stages: ~{own:,.0f} GPU-hours")
 
 
 @app.command()

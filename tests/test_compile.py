@@ -154,9 +154,11 @@ def test_ablation_pipeline_shares_the_quickstart_stages(tmp_path, monkeypatch):
     assert not set(abl) & set(root)
     for shared in ("digits-data", "digits-teacher", "digits-pd-s0004", "digits-pd-s0004-fid", "digits-teacher-s0004-fid"):
         assert shared in root and shared not in abl
+    # one guided halving per ψ, branched off PD's 8-step student (a root stage)
     assert [n for n in abl if re.fullmatch(r"digits-psi-\dp\d-s\d{4}", n)] == [
-        f"digits-psi-{v}-s{k:04d}" for v in ("0p8", "0p9", "1p0", "1p1", "1p2") for k in (8, 4)
+        f"digits-psi-{v}-s0004" for v in ("0p8", "0p9", "1p0", "1p1", "1p2")
     ]
+    assert all(abl[f"digits-psi-{v}-s0004"]["deps"][-1] == "results/digits-pd-s0008" for v in ("0p8", "1p2"))
     produced = {}
     for name, st in [*root.items(), *abl.items()]:
         for out in st.get("outs", []) + st.get("metrics", []):
@@ -179,11 +181,13 @@ def test_same_stage_name_with_other_params_in_another_pipeline_is_an_error(tmp_p
     shutil.copytree(ROOT / "sferd", tmp_path / "sferd", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "specs", tmp_path / "specs")
     abl = tmp_path / "specs/quickstart-ablation.yaml"
-    abl.write_text(abl.read_text().replace("  updates: 2000\n", "  updates: 2001\n", 1))  # another teacher
+    text = abl.read_text()
+    assert "    lr: 1.0e-4\n" in text
+    abl.write_text(text.replace("    lr: 1.0e-4\n", "    lr: 2.0e-4\n", 1))  # the PD chain, with another lr
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(app, ["compile"])
     assert r.exit_code == 1
-    assert "stage digits-teacher is also defined by specs/quickstart.yaml with different parameters" in r.stderr
+    assert "stage digits-pd-s0008 is also defined by specs/quickstart.yaml with different parameters" in r.stderr
     assert not (tmp_path / "dvc.yaml").exists()
 
 

@@ -163,24 +163,37 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     # ---- distillation chains: methods whose chains are identical (same guidance, same training) share one
     # set of stages, named after the first method that needs it (e.g. PD and "SFERD, predictor only").
     # Every chain, and what hangs off it, is repeated per seed of `seeds` (the teacher is trained once).
+    # A chain with `start_from` begins at another chain's student (validated: an earlier method that produces
+    # start_steps), so an ablation trains only its own last halvings.
     chain_of: dict[str, str] = {}  # method name → chain name
+
+    def chain_dir(chain: str, steps: int, seed: int) -> str:
+        return stage_dir(f"{p}-{chain}{seed_tag(spec, seed)}-{steps_tag(steps)}")
+
+    def chain_start(method, seed: int) -> tuple[str, dict[str, Any]]:
+        """T at the chain start: the spec's teacher, or the student this chain branches from."""
+        if method.start_from is None:
+            return teacher_dir, teacher_model
+        return chain_dir(chain_of[method.start_from], method.start_steps, seed), student_model
+
     known: dict[str, str] = {}  # canonical chain params → chain name
     for method in spec.methods:
         guidance = method.guidance.model_dump(mode="json") if method.guidance is not None else None
-        key = json.dumps({"chain": method.chain_params(), "guidance": guidance}, sort_keys=True)
+        chain = {**method.chain_params(), "start_from": chain_of.get(method.start_from) if method.start_from else None}
+        key = json.dumps({"chain": chain, "guidance": guidance}, sort_keys=True)
         if key not in known:
             known[key] = method.name
             for seed in spec.chain_seeds:
-                stages.extend(_chain(spec, method, guidance, teacher_dir, teacher_model, student_model, train_npz, seed))
+                stages.extend(_chain(spec, method, guidance, chain_start(method, seed), student_model, train_npz, seed))
         chain_of[method.name] = known[key]
 
     def student_dir(method, steps: int, seed: int) -> str:
-        return stage_dir(f"{p}-{chain_of[method.name]}{seed_tag(spec, seed)}-{steps_tag(steps)}")
+        return chain_dir(chain_of[method.name], steps, seed)
 
     def teacher_of(method, steps: int, seed: int) -> tuple[str, dict[str, Any]]:
-        """T_2K: the chain's previous student, or the original teacher at the chain start."""
+        """T_2K: the chain's previous student, or the chain's first teacher at its start."""
         if 2 * steps == method.start_steps:
-            return teacher_dir, teacher_model
+            return chain_start(method, seed)
         return student_dir(method, 2 * steps, seed), student_model
 
     # ---- SFERD stages (b) predictor and (c) latent prior, per evaluated student (D5)
@@ -398,16 +411,17 @@ def _chain(
     spec: Spec,
     method: PDMethod | SferdPDMethod,
     guidance: dict[str, Any] | None,
-    teacher_dir: str,
-    teacher_model: dict[str, Any],
+    start: tuple[str, dict[str, Any]],
     student_model: dict[str, Any],
     train_npz: str,
     seed: int,
 ) -> list[Stage]:
+    """The halvings of one chain from `start` (checkpoint folder and network of its first teacher)."""
     p = spec.dataset.short
     t = spec.teacher
     out: list[Stage] = []
-    prev_dir, prev_model, prev_is_teacher = teacher_dir, teacher_model, True
+    prev_dir, prev_model = start
+    prev_is_teacher = method.start_from is None
     teacher_passes = 2 if guidance is None else 4  # guidance: a second pass per teacher evaluation
     for steps in method.student_steps():
         name = f"{p}-{method.name}{seed_tag(spec, seed)}-{steps_tag(steps)}"

@@ -70,6 +70,23 @@ def _check_sferd(spec: Spec, m: int, method: SferdPDMethod) -> list[Problem]:
     return problems
 
 
+def _check_start_from(spec: Spec, m: int, earlier: dict[str, int]) -> list[Problem]:
+    """A branch starts at a student an earlier method's chain produces (earlier: its stages come first)."""
+    method = spec.methods[m]
+    source = method.start_from
+    if source == method.name:
+        return [(("methods", m, "start_from"), "a chain cannot start from its own student")]
+    if source not in earlier:
+        later = any(other.name == source for other in spec.methods)
+        where = "is listed after this one; list it first" if later else f"does not exist (methods: {sorted(earlier)})"
+        return [(("methods", m, "start_from"), f"method {source!r} {where}")]
+    produced = spec.methods[earlier[source]].student_steps()
+    if method.start_steps not in produced:
+        return [(("methods", m, "start_steps"),
+                 f"method {source!r} produces no {method.start_steps}-step student to start from (its chain: {produced})")]
+    return []
+
+
 def check_spec(spec: Spec) -> list[Problem]:
     problems: list[Problem] = []
     res = spec.dataset.resolution
@@ -118,6 +135,8 @@ def check_spec(spec: Spec) -> list[Problem]:
         names[method.name] = m
         if isinstance(method, SferdPDMethod):
             problems.extend(_check_sferd(spec, m, method))
+        if method.start_from is not None:
+            problems.extend(_check_start_from(spec, m, names))
         chain = set(method.student_steps())
         for k, steps in enumerate(ev.student_steps):
             if steps not in chain:

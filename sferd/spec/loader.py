@@ -21,7 +21,7 @@ ScalarFloat and friends inside the validated model, leaking YAML styling into wh
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,7 @@ from ruamel.yaml.constructor import ConstructorError, DuplicateKeyError, RoundTr
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
-__all__ = ["SpecIssue", "SpecError", "read_yaml", "locate", "load_model", "issue_at", "to_plain"]
+__all__ = ["SpecIssue", "SpecError", "read_yaml", "locate", "load_model", "validate_document", "issue_at", "to_plain"]
 
 Loc = tuple[Any, ...]
 
@@ -377,7 +377,7 @@ def _discriminator_field(err: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _issue_from_error(doc: Any, err: Mapping[str, Any], shown: str) -> SpecIssue:
+def _issue_from_error(doc: Any, shown: str, err: Mapping[str, Any]) -> SpecIssue:
     loc: Loc = tuple(err["loc"])
     kind: str = err["type"]
     message = f"{err['msg']} [{kind}]"
@@ -407,6 +407,22 @@ def _issue_from_error(doc: Any, err: Mapping[str, Any], shown: str) -> SpecIssue
     return SpecIssue(shown, line, col, _dotted(shown_loc), message)
 
 
+def validate_document(
+    plain: Any,
+    model: type[BaseModel],
+    *,
+    where: Callable[[Loc], tuple[Any, str]],
+    context: dict | None = None,
+) -> BaseModel:
+    """Validate an already-read plain document; `where(loc)` names the round-trip document and the file shown for
+    an error at `loc` (a spec that extends another has fields from two files)."""
+    try:
+        return model.model_validate(plain, context=context)
+    except ValidationError as e:
+        errors = e.errors(include_url=False, include_input=False)
+        raise SpecError(_issue_from_error(*where(tuple(err["loc"])), err) for err in errors) from None
+
+
 def load_model(
     path: str | Path,
     model: type[BaseModel],
@@ -417,8 +433,4 @@ def load_model(
     """Read `path` and validate it as `model`; raise SpecError with one located issue per Pydantic error."""
     shown = display_path if display_path is not None else str(path)
     doc = read_yaml(path, display_path=shown)
-    try:
-        return model.model_validate(to_plain(doc), context=context)
-    except ValidationError as e:
-        errors = e.errors(include_url=False, include_input=False)
-        raise SpecError(_issue_from_error(doc, err, shown) for err in errors) from None
+    return validate_document(to_plain(doc), model, where=lambda loc: (doc, shown), context=context)

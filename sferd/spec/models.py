@@ -232,6 +232,11 @@ class ChainFields(Model):
     start_steps: int = Field(
         description="Teacher DDIM steps at the chain start; a power of two (D12: 8192 CIFAR-10, 1024 ImageNet 64)."
     )
+    start_from: str | None = Field(
+        None,
+        description="Name of an earlier method of this spec whose start_steps-step student is this chain's first "
+        "teacher (null: the spec's teacher). Branches a few halvings off a shared chain, as the ablations do (§13).",
+    )
     end_steps: int = Field(1, description="Steps of the last student; a power of two below start_steps.")
     updates_per_halving: int = Field(gt=0, description="Optimiser updates per halving (PD configs: 50k).")
     updates_override: dict[int, int] = Field(
@@ -283,7 +288,7 @@ class ChainFields(Model):
 
     def chain_params(self) -> dict:
         """What determines the chain's checkpoints (two methods with equal chain params share stages)."""
-        return self.model_dump(mode="json", include={"start_steps", "end_steps", "updates_per_halving",
+        return self.model_dump(mode="json", include={"start_steps", "start_from", "end_steps", "updates_per_halving",
                                                      "updates_override", "batch_size", "lr", "grad_clip_norm",
                                                      "checkpoint_every_updates"})
 
@@ -423,7 +428,8 @@ Calibration = Literal["heldout", "noise"]
 
 class EvaluationSpec(Model):
     teacher_steps: list[int] = Field(
-        description="DDIM step counts at which the (EMA) teacher is evaluated: the no-distillation row."
+        description="DDIM step counts at which the (EMA) teacher is evaluated: the no-distillation row ([]: none, "
+        "e.g. an ablation whose base table has it)."
     )
     student_steps: list[int] = Field(
         description="Student step counts evaluated for every method; each must be produced by its chain."
@@ -452,11 +458,16 @@ class EvaluationSpec(Model):
         description="Calibration rows: `heldout` (held-out vs training images, a floor), `noise` (Gaussian noise images, a ceiling).",
     )
 
+    @field_validator("student_steps")
+    @classmethod
+    def _some_steps(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("list at least one step count")
+        return v
+
     @field_validator("teacher_steps", "student_steps")
     @classmethod
     def _steps(cls, v: list[int]) -> list[int]:
-        if not v:
-            raise ValueError("list at least one step count")
         if len(set(v)) != len(v):
             raise ValueError("step counts repeat")
         for s in v:
@@ -499,6 +510,11 @@ class Spec(Model):
     schema_version: Literal[1] = Field(description="Spec format version.")
     name: str = Field(description="Spec id ([a-z0-9-]).")
     description: str = Field("", description="What this experiment reproduces.")
+    extends: str | None = Field(
+        None,
+        description="Another spec file (relative to this one) whose set-up fields this spec inherits when it does not "
+        "write them: seed, seeds, dataset, features, teacher, methods, evaluation (sferd/spec/extends.py).",
+    )
     pipeline: str = Field(
         description="Folder of the generated dvc.yaml/params.json, relative to the repo root ('.' = root pipeline)."
     )

@@ -1,0 +1,78 @@
+"""`extends: other.yaml`: a spec that takes its experiment set-up from another spec.
+
+Ablations share their base's data, teacher and (usually) evaluation protocol; writing those blocks again in
+every ablation file would let them drift apart silently. A spec with `extends` inherits every *set-up* field it
+does not write itself (`INHERITED`) from the named spec, whole: a field is taken from one file or the other,
+never merged key by key, so where a value comes from is always one look away. The identity of the experiment
+(name, pipeline, table, reported numbers, description) is never inherited.
+
+One level only: the base may not itself extend a spec. Errors in an inherited field are reported at their line
+in the base file, since that is where the fix goes.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml.comments import CommentedMap
+
+from sferd.spec.loader import SpecError, issue_at, read_yaml, to_plain
+
+# Set-up fields a spec may take from its base. Everything else is the extending spec's own.
+INHERITED = ("seed", "seeds", "dataset", "features", "teacher", "methods", "evaluation")
+
+
+@dataclass(frozen=True)
+class SpecLayers:
+    """A spec's round-trip document, plus its base's when it extends one, and which top-level fields come from
+    the base."""
+
+    doc: CommentedMap
+    shown: str
+    base_doc: CommentedMap | None = None
+    base_shown: str | None = None
+    inherited: frozenset[str] = frozenset()
+
+    def where(self, loc: tuple) -> tuple[Any, str]:
+        """The document and file an error at `loc` belongs to."""
+        if loc and loc[0] in self.inherited and self.base_doc is not None:
+            return self.base_doc, self.base_shown or ""
+        return self.doc, self.shown
+
+    def plain(self) -> dict[str, Any]:
+        out = to_plain(self.doc)
+        if self.base_doc is not None:
+            for key in self.inherited:
+                out[key] = to_plain(self.base_doc[key])
+        return out
+
+    def issue(self, loc: tuple, message: str):
+        doc, shown = self.where(loc)
+        return issue_at(doc, loc, message, path=shown)
+
+
+def read_spec_layers(path: str | Path, *, shown: str) -> SpecLayers:
+    doc = read_yaml(path, display_path=shown)
+    if "extends" not in doc:
+        return SpecLayers(doc, shown)
+    value = doc["extends"]
+
+    def fail(message: str) -> SpecError:
+        return SpecError([issue_at(doc, ("extends",), message, path=shown)])
+
+    if not isinstance(value, str) or not value.endswith((".yaml", ".yml")) or value.startswith("/"):
+        raise fail("`extends` takes the path of another spec file, relative to this one (e.g. table2.yaml)")
+    base_path = Path(path).parent / value
+    base_shown = posixpath.normpath(posixpath.join(posixpath.dirname(shown), value))
+    if not base_path.is_file():
+        raise fail(f"no spec file {base_shown} to extend")
+    if base_path.resolve() == Path(path).resolve():
+        raise fail("a spec cannot extend itself")
+    base_doc = read_yaml(base_path, display_path=base_shown)
+    if "extends" in base_doc:
+        raise fail(f"{base_shown} itself extends {base_doc['extends']}: extend that spec directly (one level only)")
+    inherited = frozenset(k for k in INHERITED if k in base_doc and k not in doc)
+    return SpecLayers(doc, shown, base_doc, base_shown, inherited)
