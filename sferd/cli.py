@@ -47,14 +47,17 @@ def main(
     """Specs in specs/*.yaml are the experiments; dvc.yaml/params.json are compiled from them."""
 
 
-def _load_all(paths: list[Path]):
-    """Load every spec; print all problems and exit 1 if any is invalid."""
+SCALE_HELP = "Load the spec at this scale profile (its `scales:` block), e.g. smoke: own pipeline, table and stage names."
+
+
+def _load_all(paths: list[Path], scale: str | None = None):
+    """Load every spec (at scale profile `scale`); print all problems and exit 1 if any is invalid."""
     from sferd.spec import SpecError, load_spec
 
     specs, issues = [], []
     for p in paths:
         try:
-            specs.append((p, load_spec(p, display_path=p.as_posix())))
+            specs.append((p, load_spec(p, display_path=p.as_posix(), scale=scale)))
         except SpecError as e:
             issues.extend(e.issues)
     if issues:
@@ -83,12 +86,14 @@ def _human(n: float) -> str:
 def validate(
     specs: List[Path] = typer.Argument(..., help="Spec files to check.", exists=False),
     format: str = typer.Option("text", "--format", help="Output format: text or json."),
+    scale: Optional[str] = typer.Option(None, "--scale", help=SCALE_HELP),
 ) -> None:
     """Check specs before any compute; print a short summary or located errors.
 
     Examples:
       sferd-spec validate specs/quickstart.yaml
       sferd-spec validate specs/*.yaml --format json
+      sferd-spec validate specs/table1.yaml --scale smoke
     """
     if format not in ("text", "json"):
         raise typer.BadParameter("must be text or json", param_hint="--format")
@@ -97,7 +102,7 @@ def validate(
     results, issues = [], []
     for p in specs:
         try:
-            spec = load_spec(p, display_path=p.as_posix())
+            spec = load_spec(p, display_path=p.as_posix(), scale=scale)
         except SpecError as e:
             issues.extend(e.issues)
             results.append({"spec": p.as_posix(), "valid": False, "errors": [i.format() for i in e.issues]})
@@ -105,7 +110,8 @@ def validate(
         stages = _graph(spec, p)
         cost = sum(s.cost.get("forward_passes", 0.0) for s in stages)
         results.append(
-            {"spec": p.as_posix(), "valid": True, "name": spec.name, "dataset": spec.dataset.id,
+            {"spec": p.as_posix(), "valid": True, "name": spec.name + (f" at scale {scale}" if scale else ""),
+             "dataset": spec.dataset.id,
              "stages": len(stages), "methods": [m.name for m in spec.methods],
              "student_steps": spec.evaluation.student_steps, "forward_passes": cost}
         )
@@ -194,6 +200,7 @@ def _compiled_files(specs, context=()) -> dict[str, str]:
 def compile_(
     specs: Optional[List[Path]] = typer.Argument(None, help="Specs to compile (default: specs/*.yaml)."),
     check: bool = typer.Option(False, "--check", help="Write nothing; exit 1 with a diff if files are stale."),
+    scale: Optional[str] = typer.Option(None, "--scale", help=SCALE_HELP + " Needs explicit SPECs."),
 ) -> None:
     """Write the DVC pipeline(s), resolved params and the spec JSON Schema.
 
@@ -201,12 +208,15 @@ def compile_(
       sferd-spec compile                       # every spec in specs/
       sferd-spec compile specs/quickstart.yaml
       sferd-spec compile --check               # CI: are committed files up to date?
+      sferd-spec compile specs/table1.yaml --scale smoke   # -> stages/table1-smoke/
     """
     if not Path("sferd").is_dir():
         _err("error: run sferd-spec compile from the repository root (the folder holding sferd/ and specs/)")
         raise typer.Exit(1)
+    if scale is not None and not specs:
+        raise typer.BadParameter("name the spec(s) to compile at this scale", param_hint="--scale")
     paths = list(specs) if specs else _default_specs()
-    chosen = _load_all(paths)
+    chosen = _load_all(paths, scale)
     others = [p for p in _default_specs() if p.resolve() not in {q.resolve() for q in paths}]
     files = _compiled_files(chosen, _load_all(others) if specs else ())
     stale = []
@@ -259,6 +269,7 @@ def plan(
     spec: Path = typer.Argument(..., help="Spec file."),
     tflops: float = typer.Option(DEFAULT_TFLOPS, "--tflops", min=1e-6,
                                  help="Sustained TFLOP/s per GPU for the GPU-hour estimate (default: A100 bf16 at 40 %)."),
+    scale: Optional[str] = typer.Option(None, "--scale", help=SCALE_HELP),
 ) -> None:
     """Print the stage graph in order with inputs, outputs and estimated work (forward passes, GPU-hours).
 
@@ -266,7 +277,7 @@ def plan(
       sferd-spec plan specs/quickstart.yaml
       sferd-spec plan specs/table2.yaml --tflops 60
     """
-    [(path, s)] = _load_all([spec])
+    [(path, s)] = _load_all([spec], scale)
     stages = _graph(s, path)
     # stages another pipeline owns (an ablation's shared teacher and chain) are run once, there
     others = [p for p in _default_specs() if p.resolve() != path.resolve()]
@@ -304,19 +315,21 @@ def plan(
 def render(
     spec: Path = typer.Argument(..., help="Spec file."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
+    scale: Optional[str] = typer.Option(None, "--scale", help=SCALE_HELP),
 ) -> None:
     """Render the spec's table from whatever metrics exist; missing cells are marked.
 
     Examples:
       sferd-spec render specs/quickstart.yaml
       sferd-spec render specs/quickstart.yaml -o /tmp/table.md
+      sferd-spec render specs/table1.yaml --scale smoke
     """
-    [(path, s)] = _load_all([spec])
+    [(path, s)] = _load_all([spec], scale)
     from sferd.report.table import render_markdown, table_context
 
     [st] = [st for st in _graph(s, path) if st.kind == "render"]
     p = st.params
-    text = render_markdown(table_context(p["spec"], p["table"], p["rows"], p["reported"]))
+    text = render_markdown(table_context(p["spec"], p["table"], p["rows"], p["reported"], scale=p.get("scale")))
     if output is None:
         sys.stdout.write(text)
     else:

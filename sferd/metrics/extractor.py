@@ -86,10 +86,12 @@ class FeatureExtractorDigitsCNN(FeatureExtractorBase):
             tuple(x.shape[2:]) == (self.resolution, self.resolution),
             f"digits-cnn weights are for {self.resolution}x{self.resolution} images, got {tuple(x.shape[2:])}",
         )
-        # Grey images arrive replicated to RGB; the channel mean undoes that exactly (3v/3 == v in float) and
-        # still gives a sensible grey for genuinely coloured input.
-        grey = x.to(self.internal_dtype).mean(dim=1, keepdim=True)
-        pool = self.net.features(to_model_input(grey))
+        x = x.to(self.internal_dtype)
+        if self.net.channels == 1:
+            # Grey images arrive replicated to RGB; the channel mean undoes that exactly (3v/3 == v in float) and
+            # still gives a sensible grey for genuinely coloured input.
+            x = x.mean(dim=1, keepdim=True)
+        pool = self.net.features(to_model_input(x))
         out = {FEATURE_POOL: pool}
         if FEATURE_LOGITS in self.features_list:
             out[FEATURE_LOGITS] = self.net.classifier(pool)

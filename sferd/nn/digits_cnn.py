@@ -1,4 +1,5 @@
-"""A small CNN classifier on the (upsampled) scikit-learn digits, used as the quickstart's FID feature network.
+"""A small CNN classifier on the (upsampled) scikit-learn digits, used as the quickstart's FID feature network
+(and, with 3 input channels, as the offline feature network of paper specs run at smoke scale).
 
 Inception-v3 weights cannot be downloaded offline, and Inception features of 8x8 digits blown up to 299x299 say
 little anyway. A classifier trained on the digits themselves gives a feature space (the pooled penultimate layer,
@@ -22,6 +23,7 @@ from sferd.pipeline.artifacts import torch_save
 
 NUM_CLASSES = 10
 CONFIG_KEYS = ("resolution", "feature_dim", "width")
+OPTIONAL_CONFIG = {"channels": 1}  # files written before colour input existed are grey-scale networks
 
 
 def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
@@ -51,12 +53,12 @@ def _conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
 class DigitsCNN(nn.Module):
     """Conv/GroupNorm/SiLU stack, global average pool to `feature_dim` ("pool" features), Linear to 10 logits.
 
-    Input: float B x 1 x R x R in [-1, 1], R a power of two >= 8 (the quickstart uses 8, 16 and 32).
+    Input: float B x C x R x R in [-1, 1] (C = 1 for digits, 3 for colour images), R a power of two >= 8.
     Stride-2 convolutions bring every resolution down to 4x4 before pooling, so the receptive field covers the
     whole digit whatever R is and the parameter count barely depends on R.
     """
 
-    def __init__(self, resolution: int, feature_dim: int = 64, width: int = 32):
+    def __init__(self, resolution: int, feature_dim: int = 64, width: int = 32, channels: int = 1):
         super().__init__()
         if resolution < 8 or resolution & (resolution - 1):
             raise ValueError(f"DigitsCNN resolution must be a power of two >= 8, got {resolution}")
@@ -65,8 +67,11 @@ class DigitsCNN(nn.Module):
         self.resolution = int(resolution)
         self.feature_dim = int(feature_dim)
         self.width = int(width)
+        if channels not in (1, 3):
+            raise ValueError(f"DigitsCNN takes 1 (grey) or 3 (RGB) channels, got {channels}")
+        self.channels = int(channels)
 
-        layers: list[nn.Module] = [_conv_block(1, width), _conv_block(width, width)]
+        layers: list[nn.Module] = [_conv_block(channels, width), _conv_block(width, width)]
         channels, size = width, resolution
         while size > 4:
             layers.append(_conv_block(channels, 2 * width, stride=2))
@@ -77,10 +82,11 @@ class DigitsCNN(nn.Module):
 
     @property
     def config(self) -> dict[str, int]:
-        return {"resolution": self.resolution, "feature_dim": self.feature_dim, "width": self.width}
+        return {"resolution": self.resolution, "feature_dim": self.feature_dim, "width": self.width,
+                "channels": self.channels}
 
     def _check_input(self, x: torch.Tensor) -> None:
-        expected = (1, self.resolution, self.resolution)
+        expected = (self.channels, self.resolution, self.resolution)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"DigitsCNN expects B x {' x '.join(map(str, expected))} input, got {tuple(x.shape)}")
 
@@ -102,7 +108,8 @@ def save_digits_cnn(path: str | os.PathLike, model: DigitsCNN, *, config: dict[s
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise ValueError(f"save_digits_cnn: config lacks {missing} (needs {list(CONFIG_KEYS)})")
-    wrong = {k: (config[k], v) for k, v in model.config.items() if int(config[k]) != v}
+    wrong = {k: (config.get(k, OPTIONAL_CONFIG.get(k)), v) for k, v in model.config.items()
+             if int(config.get(k, OPTIONAL_CONFIG.get(k))) != v}
     if wrong:
         raise ValueError(f"save_digits_cnn: config disagrees with the model (config, model): {wrong}")
     # Tensors are cloned to CPU so the file never records a device and loads under weights_only=True anywhere.
@@ -120,7 +127,8 @@ def load_digits_cnn(path: str | os.PathLike) -> DigitsCNN:
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise ValueError(f"{path}: checkpoint config lacks {missing}")
-    model = DigitsCNN(**{k: int(config[k]) for k in CONFIG_KEYS})
+    model = DigitsCNN(**{k: int(config[k]) for k in CONFIG_KEYS},
+                      **{k: int(config.get(k, default)) for k, default in OPTIONAL_CONFIG.items()})
     model.load_state_dict(blob["state_dict"])
     model.requires_grad_(False)
     model.eval()

@@ -61,8 +61,13 @@ def _model_config(spec: Spec, *, dropout: float | None = None) -> dict[str, Any]
     return m
 
 
+def stage_prefix(spec: Spec) -> str:
+    """Dataset first; a spec loaded at a scale profile gets its own names (`cifar10-smoke-teacher`)."""
+    return spec.dataset.short if spec.scale is None else f"{spec.dataset.short}-{spec.scale}"
+
+
 def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
-    p = spec.dataset.short
+    p = stage_prefix(spec)
     # `source` (where downloaded files live) matters to the data stage only: moving the files must not
     # retrain anything downstream, whose inputs are the data stage's outputs.
     ds = spec.dataset.model_dump(mode="json", exclude={"source"})
@@ -371,6 +376,9 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                 "table": table.model_dump(mode="json"),
                 "rows": fid_rows,
                 "reported": [r.model_dump(mode="json") for r in spec.reported],
+                # only when scaled: the paper-scale render params (and so their committed pipelines) stay as they are
+                **({"scale": {"name": spec.scale, "description": spec.scales[spec.scale].description,
+                              "set": spec.scales[spec.scale].set}} if spec.scale is not None else {}),
                 "outputs": {"markdown": md, "plot": png, "plot_data": csv, "grids": grids},
             },
             # metrics for the table, the FID stages' folders for the sample grids
@@ -417,7 +425,7 @@ def _chain(
     seed: int,
 ) -> list[Stage]:
     """The halvings of one chain from `start` (checkpoint folder and network of its first teacher)."""
-    p = spec.dataset.short
+    p = stage_prefix(spec)
     t = spec.teacher
     out: list[Stage] = []
     prev_dir, prev_model = start

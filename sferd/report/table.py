@@ -48,7 +48,10 @@ def _git_commit(root: Path) -> str:
         return "unknown"
 
 
-def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[dict], root: Path = Path(".")) -> dict:
+def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[dict], root: Path = Path("."),
+                  scale: dict | None = None) -> dict:
+    """Everything the template shows; `scale` is the render params' scale profile (name, description, set) when
+    the spec was compiled with `--scale`."""
     df = gather(rows, root)
     model_rows = df[df["steps"].notna()]
     calib_rows = df[df["steps"].isna()]
@@ -106,6 +109,8 @@ def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[
         "sferd_costs": _sferd_costs(model_rows),
         "multi_seed": bool(len(df) and df.groupby(["row", "steps"], dropna=False).size().max() > 1),
         "spec": spec_path,
+        "scale": None if scale is None else {
+            **scale, "set": ", ".join(f"`{k}` = {json.dumps(v, ensure_ascii=False)}" for k, v in scale["set"].items())},
         "commit": _git_commit(root),
         "version": sferd.__version__,
     }

@@ -8,17 +8,32 @@ from sferd.spec.checks import check_spec
 from sferd.spec.extends import read_spec_layers
 from sferd.spec.loader import SpecError, validate_document
 from sferd.spec.models import Spec
+from sferd.spec.scale import apply_scale, override_for
 
 __all__ = ["Spec", "SpecError", "load_spec"]
 
 
-def load_spec(path: str | Path, *, display_path: str | None = None) -> Spec:
-    """Load (with the spec it `extends`, if any) and fully validate a spec; raise SpecError with every located
-    problem."""
+def load_spec(path: str | Path, *, display_path: str | None = None, scale: str | None = None) -> Spec:
+    """Load (with the spec it `extends`, if any, at scale profile `scale`, if given) and fully validate a spec;
+    raise SpecError with every located problem."""
     shown = display_path or str(path)
     layers = read_spec_layers(path, shown=shown)
-    spec = validate_document(layers.plain(), Spec, where=layers.where)
+    plain = layers.plain()
+    if "scale" in layers.doc:
+        raise SpecError([layers.issue(("scale",), "`scale` is set by `--scale NAME` on the command line, not in a spec")])
+    relocate = lambda loc: loc  # noqa: E731
+    if scale is not None:
+        plain, written, bad = apply_scale(plain, scale)
+        if bad:
+            raise SpecError(layers.issue(("scales", scale, "set", key) if key else ("scales",), f"scale {scale!r}: {msg}")
+                            for key, msg in bad)
+
+        def relocate(loc: tuple) -> tuple:  # a value the profile wrote is located at its `set:` entry
+            key = override_for(plain, loc, written)
+            return loc if key is None else ("scales", scale, "set", key)
+
+    spec = validate_document(plain, Spec, where=lambda loc: layers.where(relocate(loc)))
     problems = check_spec(spec)
     if problems:
-        raise SpecError(layers.issue(loc, msg) for loc, msg in problems)
+        raise SpecError(layers.issue(relocate(loc), msg) for loc, msg in problems)
     return spec

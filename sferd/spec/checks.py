@@ -117,10 +117,12 @@ def check_spec(spec: Spec) -> list[Problem]:
 
     ev = spec.evaluation
     if ev.feature_extractor == "digits-cnn":
-        if not spec.dataset.id.startswith("digits-"):
-            problems.append((("evaluation", "feature_extractor"), "digits-cnn features only exist for digits datasets"))
+        # on other data (a paper spec at smoke scale) the same small CNN is trained on that data's own classes
         if spec.features is None:
             problems.append((("evaluation", "feature_extractor"), "digits-cnn needs a `features` block (its training stage)"))
+        if spec.dataset.num_classes != 10:
+            problems.append((("evaluation", "feature_extractor"),
+                             f"digits-cnn is a 10-class classifier; {spec.dataset.id} has {spec.dataset.num_classes} classes"))
     elif spec.features is not None:
         problems.append((("features",), f"unused: feature_extractor is {ev.feature_extractor}"))
     if ev.feature_weights is not None and ev.feature_extractor != "inception-v3-compat":

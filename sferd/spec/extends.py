@@ -36,11 +36,11 @@ class SpecLayers:
     base_shown: str | None = None
     inherited: frozenset[str] = frozenset()
 
-    def where(self, loc: tuple) -> tuple[Any, str]:
-        """The document and file an error at `loc` belongs to."""
+    def where(self, loc: tuple) -> tuple[Any, str, tuple]:
+        """The document and file an error at `loc` belongs to (and the loc to look up there)."""
         if loc and loc[0] in self.inherited and self.base_doc is not None:
-            return self.base_doc, self.base_shown or ""
-        return self.doc, self.shown
+            return self.base_doc, self.base_shown or "", loc
+        return self.doc, self.shown, loc
 
     def plain(self) -> dict[str, Any]:
         out = to_plain(self.doc)
@@ -50,7 +50,7 @@ class SpecLayers:
         return out
 
     def issue(self, loc: tuple, message: str):
-        doc, shown = self.where(loc)
+        doc, shown, loc = self.where(loc)
         return issue_at(doc, loc, message, path=shown)
 
 

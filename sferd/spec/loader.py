@@ -411,16 +411,21 @@ def validate_document(
     plain: Any,
     model: type[BaseModel],
     *,
-    where: Callable[[Loc], tuple[Any, str]],
+    where: Callable[[Loc], tuple[Any, str, Loc]],
     context: dict | None = None,
 ) -> BaseModel:
-    """Validate an already-read plain document; `where(loc)` names the round-trip document and the file shown for
-    an error at `loc` (a spec that extends another has fields from two files)."""
+    """Validate an already-read plain document. `where(loc)` gives, for an error at `loc`, the round-trip document
+    and file it belongs to and the loc to look up there (a spec that extends another has fields from two files; a
+    value a scale profile wrote is located at the profile's entry)."""
     try:
         return model.model_validate(plain, context=context)
     except ValidationError as e:
         errors = e.errors(include_url=False, include_input=False)
-        raise SpecError(_issue_from_error(*where(tuple(err["loc"])), err) for err in errors) from None
+        issues = []
+        for err in errors:
+            doc, shown, loc = where(tuple(err["loc"]))
+            issues.append(_issue_from_error(doc, shown, {**err, "loc": loc}))
+        raise SpecError(issues) from None
 
 
 def load_model(
@@ -433,4 +438,4 @@ def load_model(
     """Read `path` and validate it as `model`; raise SpecError with one located issue per Pydantic error."""
     shown = display_path if display_path is not None else str(path)
     doc = read_yaml(path, display_path=shown)
-    return validate_document(to_plain(doc), model, where=lambda loc: (doc, shown), context=context)
+    return validate_document(to_plain(doc), model, where=lambda loc: (doc, shown, loc), context=context)

@@ -211,9 +211,12 @@ Teacher = Annotated[
 
 
 class FeatureNetSpec(Model):
-    """The quickstart's FID feature network: a small CNN classifier trained on the digits training split."""
+    """The offline FID feature network: a small CNN classifier trained by a stage on the spec's training split (the
+    quickstart's digits; CIFAR-10 when a paper spec runs at smoke scale, where no Inception weights exist)."""
 
-    kind: Literal["digits-cnn"] = Field("digits-cnn", description="Small CNN classifier on digits.")
+    kind: Literal["digits-cnn"] = Field(
+        "digits-cnn", description="Small CNN classifier (10 classes; grey or RGB input) trained on the spec's data."
+    )
     feature_dim: int = Field(64, ge=8, description="Width of the pooled feature used by FID.")
     width: int = Field(32, ge=8, description="Conv channels.")
     updates: int = Field(gt=0, description="Optimiser updates.")
@@ -506,6 +509,18 @@ class ReportedRow(Model):
 # --------------------------------------------------------------------------------------------------- spec
 
 
+class ScaleProfile(Model):
+    """A named size override of the spec (sferd/spec/scale.py), chosen with `--scale NAME`."""
+
+    description: str = Field(description="What the profile is for and what its numbers mean (shown in the table).")
+    set: dict[str, Any] = Field(
+        min_length=1,
+        description="Dotted path → value, e.g. `teacher.updates: 30`, `methods.*.start_steps: 16`; `*` sets every "
+        "item of a list. A whole block may be replaced (`features: {...}`).",
+    )
+
+
+
 class Spec(Model):
     schema_version: Literal[1] = Field(description="Spec format version.")
     name: str = Field(description="Spec id ([a-z0-9-]).")
@@ -534,6 +549,21 @@ class Spec(Model):
     evaluation: EvaluationSpec = Field(description="FID protocol.")
     table: TableSpec = Field(description="The rendered table.")
     reported: list[ReportedRow] = Field(default_factory=list, description="Paper numbers shown beside ours.")
+    scales: dict[str, ScaleProfile] = Field(
+        default_factory=dict,
+        description="Named scale profiles (e.g. `smoke`: the whole pipeline in minutes on a CPU); `--scale NAME` on "
+        "the CLI applies one, into its own pipeline folder, table id and stage names.",
+    )
+    scale: str | None = Field(
+        None, description="The profile this spec was loaded at: set by `--scale NAME`, never written in a spec."
+    )
+
+    @field_validator("scales")
+    @classmethod
+    def _scale_names(cls, v: dict[str, ScaleProfile]) -> dict[str, ScaleProfile]:
+        for name in v:
+            _check_name(name)
+        return v
 
     @field_validator("name")
     @classmethod

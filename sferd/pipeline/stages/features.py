@@ -1,4 +1,5 @@
-"""Stage `features`: train the quickstart's FID feature network (a digits classifier).
+"""Stage `features`: train the quickstart's FID feature network (a digits classifier; the same small CNN on the
+spec's own images when a paper spec runs at smoke scale).
 
 Inception weights cannot be downloaded offline and mean little on 8×8 grey digits, so the quickstart's FID
 uses the pooled features of a small CNN trained here on the training split and registered with
@@ -29,9 +30,9 @@ def run(name: str, params: dict) -> None:
     held = read_npz(params["inputs"]["heldout"])
     x, y = to_model_range(train["images"]), torch.from_numpy(train["labels"]).long()
     xh, yh = to_model_range(held["images"]), torch.from_numpy(held["labels"]).long()
-    resolution = x.shape[-1]
+    channels, resolution = x.shape[1], x.shape[-1]
 
-    net = DigitsCNN(resolution, feature_dim=net_cfg["feature_dim"], width=net_cfg["width"])
+    net = DigitsCNN(resolution, feature_dim=net_cfg["feature_dim"], width=net_cfg["width"], channels=channels)
     opt = torch.optim.Adam(net.parameters(), lr=net_cfg["lr"])
     sampler = BatchSampler(x, y, net_cfg["batch_size"], seed=params["seed"] + 1, flip=False)
     progress = Progress(name, net_cfg["updates"])
@@ -50,7 +51,8 @@ def run(name: str, params: dict) -> None:
     with torch.no_grad():
         acc_held = (net(xh).argmax(1) == yh).float().mean().item()
         acc_train = (net(x).argmax(1) == y).float().mean().item()
-    config = {"resolution": resolution, "feature_dim": net_cfg["feature_dim"], "width": net_cfg["width"]}
+    config = {"resolution": resolution, "feature_dim": net_cfg["feature_dim"], "width": net_cfg["width"],
+              "channels": channels}
     save_digits_cnn(out / "model.pt", net, config=config)
     write_json(Path(out) / "config.json", params)
     write_json(

@@ -1,0 +1,97 @@
+"""Scale profiles: run a spec's pipeline at another size without writing a second spec.
+
+A spec may define named profiles under `scales:`, each a description and a `set:` mapping of dotted paths to
+values (`teacher.updates: 30`, `methods.*.start_steps: 16`, `features: {...}`). `--scale NAME` on the CLI loads
+the spec with those values replaced before validation, so a scaled spec is checked by exactly the same rules.
+
+A scaled run must never be mistaken for (or collide with) the spec's real one, so the profile name is appended to
+the pipeline folder, the table id and every stage name (`cifar10-smoke-teacher`), and the rendered table says
+which scale it was run at and what the profile changed.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+PathPart = str | int
+
+
+def parse_path(key: str) -> list[str]:
+    return key.split(".")
+
+
+def _targets(node: Any, parts: list[str], at: tuple[PathPart, ...] = ()) -> list[tuple[PathPart, ...]]:
+    """Concrete paths `parts` names in `node` (`*` expands over a list). Raise ValueError if one does not exist."""
+    if not parts:
+        return [at]
+    head, rest = parts[0], parts[1:]
+    if isinstance(node, list):
+        if head == "*":
+            return [t for i, item in enumerate(node) for t in _targets(item, rest, (*at, i))]
+        if head.isdigit() and int(head) < len(node):
+            return _targets(node[int(head)], rest, (*at, int(head)))
+        raise ValueError(f"{'.'.join(map(str, at)) or 'the spec'} is a list of {len(node)}: use an index or `*`, "
+                         f"not {head!r}")
+    if isinstance(node, dict):
+        if head in node:
+            return _targets(node[head], rest, (*at, head))
+        if not rest:  # a field the spec leaves at its default (or a block it omits) may be set
+            return [(*at, head)]
+        raise ValueError(f"the spec has no {'.'.join(map(str, (*at, head)))}")
+    raise ValueError(f"{'.'.join(map(str, at))} is a value, not a block: cannot set {'.'.join(parts)} inside it")
+
+
+def _assign(doc: dict, path: tuple[PathPart, ...], value: Any) -> None:
+    node: Any = doc
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = copy.deepcopy(value)
+
+
+def apply_scale(plain: dict[str, Any], name: str) -> tuple[dict[str, Any], dict[tuple, str], list[tuple[str, str]]]:
+    """The spec at scale `name`, which concrete path each `set:` key wrote (for locating errors), and problems
+    (dotted key, message) with the profile itself."""
+    scales = plain.get("scales") or {}
+    profile = scales.get(name) if isinstance(scales, dict) else None
+    if not isinstance(profile, dict):
+        return plain, {}, [("", f"no scale profile {name!r} (this spec defines: {sorted(scales) or 'none'})")]
+    out = copy.deepcopy(plain)
+    written: dict[tuple, str] = {}
+    problems: list[tuple[str, str]] = []
+    for key, value in (profile.get("set") or {}).items():
+        try:
+            paths = _targets(out, parse_path(str(key)))
+        except ValueError as e:
+            problems.append((str(key), str(e)))
+            continue
+        for path in paths:
+            _assign(out, path, value)
+            written[path] = str(key)
+    # the scaled run's own namespace: never the real run's pipeline, table or stage names
+    out["pipeline"] = f"{out.get('pipeline', '')}-{name}"
+    if isinstance(out.get("table"), dict) and "id" in out["table"]:
+        out["table"]["id"] = f"{out['table']['id']}-{name}"
+    out["scale"] = name
+    return out, written, problems
+
+
+def override_for(plain: Any, loc: tuple, written: dict[tuple, str]) -> str | None:
+    """The `set:` key whose value an error at `loc` is about, if the profile wrote that part of the spec.
+
+    Pydantic locs carry labels that are not in the document (a discriminated union's tag: `methods.0.pd.lr`), so
+    the loc is first reduced to the parts that exist in the scaled document."""
+    concrete: list[PathPart] = []
+    node = plain
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            continue
+        concrete.append(part)
+    for k in range(len(concrete), 0, -1):
+        if tuple(concrete[:k]) in written:
+            return written[tuple(concrete[:k])]
+    return None
