@@ -329,7 +329,8 @@ def render(
 
     [st] = [st for st in _graph(s, path) if st.kind == "render"]
     p = st.params
-    text = render_markdown(table_context(p["spec"], p["table"], p["rows"], p["reported"], scale=p.get("scale")))
+    text = render_markdown(table_context(p["spec"], p["table"], p["rows"], p["reported"],
+                                         extra_metrics=p.get("extra_metrics", ()), scale=p.get("scale")))
     if output is None:
         sys.stdout.write(text)
     else:
@@ -358,7 +359,8 @@ def index_text(specs) -> str:
     for path, spec in specs:
         [st] = [st for st in _graph(spec, path) if st.kind == "render"]
         p = st.params
-        ctx = table_context(p["spec"], p["table"], p["rows"], p["reported"])
+        ctx = table_context(p["spec"], p["table"], p["rows"], p["reported"],
+                            extra_metrics=p.get("extra_metrics", ()))
         reported = sum(v is not None for r in p["reported"] for v in r["values"].values())
         run = "`dvc repro`" if spec.pipeline in ("", ".") else f"`dvc repro {spec.pipeline}/dvc.yaml`"
         md = Path(p["outputs"]["markdown"])

@@ -221,6 +221,44 @@ def compute_fid(
     return float(metrics[torch_fidelity.KEY_METRIC_FID])
 
 
+def metric_layers(feature_extractor: str, metrics) -> dict[str, str]:
+    """Metric option ("fid", "isc", "prc") → the feature layer torch-fidelity uses for it with this extractor (its
+    own per-extractor default: Inception "2048"/"logits_unbiased", digits-cnn "pool"/"logits")."""
+    _prepare_extractor(feature_extractor)
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    cls = FEATURE_EXTRACTORS_REGISTRY[feature_extractor]
+    return {m: cls.get_default_feature_layer_for_metric(m) for m in metrics}
+
+
+def extract_layers(
+    images: np.ndarray | NpzImages,
+    layers,
+    *,
+    feature_extractor: str,
+    weights_path: str | os.PathLike | None,
+    cache_root: str | os.PathLike | None = None,
+    batch_size: int = 64,
+) -> dict[str, np.ndarray]:
+    """Layer name → N x D features, all from one pass of the registered extractor over the images.
+
+    Built from torch-fidelity's own helpers (`create_feature_extractor`, `get_featuresdict_from_dataset`), the
+    route `calculate_metrics` takes, so metrics computed from these features differ from it only in bookkeeping.
+    """
+    weights = resolve_feature_extractor_weights(feature_extractor, weights_path, cache_root=cache_root)
+    ds = _as_dataset(images, "images")
+    _prepare_extractor(feature_extractor)
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    cuda = torch.cuda.is_available()
+    wanted = list(dict.fromkeys(layers))  # FID and PRC share a layer: extract it once
+    extractor = create_feature_extractor(
+        feature_extractor, wanted, cuda=cuda, feature_extractor_weights_path=weights, verbose=False
+    )
+    feats = get_featuresdict_from_dataset(ds, extractor, int(batch_size), cuda, True, False)
+    return {layer: feats[layer].numpy() for layer in wanted}
+
+
 def extract_features(
     images: np.ndarray | NpzImages,
     *,
@@ -229,24 +267,11 @@ def extract_features(
     cache_root: str | os.PathLike | None = None,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """The N x D features FID uses, produced by the same registered extractor and layer as `compute_fid`.
-
-    Built from torch-fidelity's own helpers (`create_feature_extractor`, `get_featuresdict_from_dataset`), so the
-    only thing an FID recomputed from these features does not share with `compute_fid` is the statistics step.
-    """
-    weights = resolve_feature_extractor_weights(feature_extractor, weights_path, cache_root=cache_root)
-    ds = _as_dataset(images, "images")
-    _prepare_extractor(feature_extractor)
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
-
-    cuda = torch.cuda.is_available()
-    layer = FEATURE_EXTRACTORS_REGISTRY[feature_extractor].get_default_feature_layer_for_metric("fid")
-    extractor = create_feature_extractor(
-        feature_extractor, [layer], cuda=cuda, feature_extractor_weights_path=weights, verbose=False
-    )
-    feats = get_featuresdict_from_dataset(ds, extractor, int(batch_size), cuda, True, False)[layer]
-    return feats.numpy()
+    """The N x D features FID uses, produced by the same registered extractor and layer as `compute_fid`, so the
+    only thing an FID recomputed from these features does not share with `compute_fid` is the statistics step."""
+    layer = metric_layers(feature_extractor, [keys.METRIC_FID])[keys.METRIC_FID]
+    return extract_layers(images, [layer], feature_extractor=feature_extractor, weights_path=weights_path,
+                          cache_root=cache_root, batch_size=batch_size)[layer]
 
 
 def reference_statistics(
@@ -267,6 +292,14 @@ def reference_statistics(
     return {"mu": stats["mu"], "sigma": stats["sigma"], "num_images": np.asarray(len(feats))}
 
 
+def _fid_from_features(features: np.ndarray, reference: dict[str, np.ndarray]) -> float:
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    stats = fid_features_to_statistics(torch.from_numpy(features))
+    ref = {"mu": np.asarray(reference["mu"]), "sigma": np.asarray(reference["sigma"])}
+    return float(fid_statistics_to_metric(stats, ref, False)[KEY_METRIC_FID])
+
+
 def fid_against_statistics(
     images: np.ndarray | NpzImages,
     reference: dict[str, np.ndarray],
@@ -278,13 +311,97 @@ def fid_against_statistics(
 ) -> float:
     """FID of `images` against stored reference statistics: the same extractor, layer, statistics and metric
     functions as `torch_fidelity.calculate_metrics` (a test keeps the two equal)."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-
     feats = extract_features(images, feature_extractor=feature_extractor, weights_path=weights_path,
                              cache_root=cache_root, batch_size=batch_size)
-    stats = fid_features_to_statistics(torch.from_numpy(feats))
-    ref = {"mu": np.asarray(reference["mu"]), "sigma": np.asarray(reference["sigma"])}
-    return float(fid_statistics_to_metric(stats, ref, False)[KEY_METRIC_FID])
+    return _fid_from_features(feats, reference)
+
+
+# ------------------------------------------------------------------------------------------------ IS, PRC
+
+
+def inception_score(logits: np.ndarray, *, splits: int) -> dict[str, float]:
+    """Inception Score (mean and std over `splits`) of N x C class logits, by torch-fidelity's own function with
+    the shuffling `calculate_metrics` applies by default (its `samples_shuffle`, `rng_seed`)."""
+    from torch_fidelity.defaults import DEFAULTS
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+    if len(logits) < splits:
+        raise ValueError(f"the Inception Score over {splits} splits needs at least {splits} images, got {len(logits)}")
+    out = isc_features_to_metric(torch.from_numpy(np.asarray(logits)), splits, DEFAULTS["samples_shuffle"],
+                                 DEFAULTS["rng_seed"])
+    return {keys.ISC: out[KEY_METRIC_ISC_MEAN], keys.ISC_STD: out[KEY_METRIC_ISC_STD]}
+
+
+def precision_recall(generated: np.ndarray, real: np.ndarray, *, neighborhood: int) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of generated vs real features, by torch-fidelity's
+    own function; its batched variant (save_cpu_ram) keeps memory bounded at 50k × 50k features."""
+    from torch_fidelity.defaults import DEFAULTS
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+    for what, feats in (("generated", generated), ("real", real)):
+        if len(feats) <= neighborhood:
+            raise ValueError(f"precision/recall with k = {neighborhood} needs more than {neighborhood} {what} "
+                             f"images, got {len(feats)}")
+    out = prc_features_to_metric(
+        torch.from_numpy(np.asarray(generated)),  # torch-fidelity's convention: input1 generated, input2 real
+        torch.from_numpy(np.asarray(real)),
+        prc_neighborhood=int(neighborhood),
+        prc_batch_size=DEFAULTS["prc_batch_size"],
+        save_cpu_ram=True,
+        verbose=False,
+    )
+    return {keys.PRECISION: float(out[KEY_METRIC_PRECISION]), keys.RECALL: float(out[KEY_METRIC_RECALL])}
+
+
+def measure_samples(
+    images: np.ndarray | NpzImages,
+    reference: dict[str, np.ndarray],
+    *,
+    feature_extractor: str,
+    weights_path: str | os.PathLike | None,
+    extra: dict[str, dict[str, int]] | None = None,
+    reference_images: np.ndarray | NpzImages | None = None,
+    cache_root: str | os.PathLike | None = None,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """FID against stored reference statistics plus the metrics `extra` asks for, as metrics-file values.
+
+    `extra` is the graph's `extra_metrics` params: {"isc": {"splits": n}, "prc": {"neighborhood": k}}, either
+    optional. One extractor pass over `images` serves every metric; precision/recall also need the reference
+    set's own features (`reference_images`: real-image balls, not statistics).
+    """
+    extra = dict(extra or {})
+    unknown = sorted(set(extra) - {keys.METRIC_ISC, keys.METRIC_PRC})
+    if unknown:
+        raise ValueError(f"unknown extra metrics {unknown}")
+    layers = metric_layers(feature_extractor, [keys.METRIC_FID, *extra])
+    common = {"feature_extractor": feature_extractor, "weights_path": weights_path, "cache_root": cache_root,
+              "batch_size": batch_size}
+    feats = extract_layers(images, layers.values(), **common)
+    out = {keys.FID: _fid_from_features(feats[layers[keys.METRIC_FID]], reference)}
+    if keys.METRIC_ISC in extra:
+        out.update(inception_score(feats[layers[keys.METRIC_ISC]], splits=extra[keys.METRIC_ISC]["splits"]))
+    if keys.METRIC_PRC in extra:
+        if reference_images is None:
+            raise ValueError("precision/recall need the reference images (reference_images)")
+        layer = layers[keys.METRIC_PRC]
+        real = extract_layers(reference_images, [layer], **common)[layer]
+        out.update(precision_recall(feats[layer], real, neighborhood=extra[keys.METRIC_PRC]["neighborhood"]))
+    return out
+
+
+def extra_metrics_provenance(extra: dict[str, dict[str, int]] | None, *, num_real: int | None) -> dict[str, Any]:
+    """The torch-fidelity settings behind the extra metrics' values (empty without extra metrics)."""
+    from torch_fidelity.defaults import DEFAULTS
+
+    out: dict[str, Any] = {}
+    if keys.METRIC_ISC in (extra or {}):
+        out[keys.ISC_SPLITS] = int(extra[keys.METRIC_ISC]["splits"])
+        out[keys.ISC_SHUFFLE_SEED] = int(DEFAULTS["rng_seed"]) if DEFAULTS["samples_shuffle"] else None
+    if keys.METRIC_PRC in (extra or {}):
+        out[keys.PRC_NEIGHBORHOOD] = int(extra[keys.METRIC_PRC]["neighborhood"])
+        out[keys.PRC_NUM_REAL] = num_real
+    return out
 
 
 def statistics_file_name(feature_extractor: str, reference_sha256: str, weights_sha256: str) -> str:

@@ -15,7 +15,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sferd.spec.models import ExternalTeacherSpec, PDMethod, PredictorSpec, SferdPDMethod, Spec
+from sferd.metrics import keys
+from sferd.spec.models import EvaluationSpec, ExternalTeacherSpec, PDMethod, PredictorSpec, SferdPDMethod, Spec
 
 RESULTS = "results"
 METRICS_DIR = f"{RESULTS}/metrics"
@@ -295,6 +296,9 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
         "image_shape": [spec.dataset.channels, spec.dataset.resolution, spec.dataset.resolution],
         "dataset": ds,
     }
+    extra = extra_metrics(ev)
+    if extra:  # absent at the default, so specs without extra metrics keep their params (and DVC cache)
+        fid_common["extra_metrics"] = extra
     fid_rows: list[dict[str, Any]] = []
 
     def add_fid(name: str, row: str, label: str, steps: int | None, source: dict[str, Any], deps: tuple[str, ...],
@@ -376,6 +380,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                 "table": table.model_dump(mode="json"),
                 "rows": fid_rows,
                 "reported": [r.model_dump(mode="json") for r in spec.reported],
+                **({"extra_metrics": list(extra)} if extra else {}),
                 # only when scaled: the paper-scale render params (and so their committed pipelines) stay as they are
                 **({"scale": {"name": spec.scale, "description": spec.scales[spec.scale].description,
                               "set": spec.scales[spec.scale].set}} if spec.scale is not None else {}),
@@ -391,6 +396,16 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
         )
     )
     return stages
+
+
+def extra_metrics(ev: EvaluationSpec) -> dict[str, dict[str, int]]:
+    """Each requested metric beyond FID → the torch-fidelity settings its stage uses, in a fixed order (so the
+    order in which a spec lists its metrics does not change any stage's params)."""
+    settings = {
+        keys.METRIC_ISC: {"splits": keys.ISC_SPLITS_DEFAULT},
+        keys.METRIC_PRC: {"neighborhood": keys.PRC_NEIGHBORHOOD_DEFAULT},
+    }
+    return {m: settings[m] for m in keys.METRIC_OPTIONS if m != keys.METRIC_FID and m in ev.metrics}
 
 
 def encoder_config(resolution: int, channels: int, pred: PredictorSpec) -> dict[str, Any]:

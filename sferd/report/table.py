@@ -2,7 +2,9 @@
 
 Rows are models (teacher DDIM, each method), columns are step counts; calibration rows (held-out data,
 noise) sit in their own block. A cell whose metrics file does not exist yet is *marked* missing, never
-hidden; paper numbers appear in their own rows with their source, never mixed into ours.
+hidden; paper numbers appear in their own rows with their source, never mixed into ours. Metrics beyond FID
+(the spec's `evaluation.metrics`: Inception Score, precision/recall) get one table each below the FID table,
+built the same way; without them the output is exactly the FID table.
 """
 
 from __future__ import annotations
@@ -16,8 +18,25 @@ import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 import sferd
+from sferd.metrics import keys
 
 MISSING = "missing"
+FID = keys.FID
+
+# metrics-file value → (table heading, what the number means, decimals)
+EXTRA_VALUES = {
+    keys.ISC: ("Inception Score", "higher is better; torch-fidelity's mean over splits of the feature extractor's "
+               "class predictions", 2),
+    keys.PRECISION: ("Precision", "higher is better; share of samples inside the k-NN balls of the reference "
+                     "images' features", 3),
+    keys.RECALL: ("Recall", "higher is better; share of reference images inside the k-NN balls of the samples' "
+                  "features", 3),
+}
+# settings recorded by the FID stages next to the extra metrics, listed under the table's provenance
+EXTRA_PROVENANCE = {
+    keys.METRIC_ISC: [keys.ISC_SPLITS, keys.ISC_SHUFFLE_SEED],
+    keys.METRIC_PRC: [keys.PRC_NEIGHBORHOOD, keys.PRC_NUM_REAL],
+}
 
 
 def gather(rows: list[dict[str, Any]], root: Path = Path(".")) -> pd.DataFrame:
@@ -32,12 +51,45 @@ def gather(rows: list[dict[str, Any]], root: Path = Path(".")) -> pd.DataFrame:
     )
 
 
+def format_values(values: list[float], decimals: int = 2) -> str:
+    """One run: the value; several seeds: mean ± sample standard deviation (n − 1), with n."""
+    if len(values) == 1:
+        return f"{values[0]:.{decimals}f}"
+    s = pd.Series(values, dtype=float)
+    return f"{s.mean():.{decimals}f} ± {s.std(ddof=1):.{decimals}f} (n={len(values)})"
+
+
 def format_fid(fids: list[float]) -> str:
-    """One run: the FID; several seeds: mean ± sample standard deviation (n − 1), with n."""
-    if len(fids) == 1:
-        return f"{fids[0]:.2f}"
-    s = pd.Series(fids, dtype=float)
-    return f"{s.mean():.2f} ± {s.std(ddof=1):.2f} (n={len(fids)})"
+    return format_values(fids, 2)
+
+
+def _cell(sub: pd.DataFrame, s: int, key: str = FID, decimals: int = 2) -> str:
+    """One (row, steps) cell of `key`: empty if not planned, `missing` unless every seed measured it."""
+    hit = sub[sub["steps"] == s]
+    if hit.empty:
+        return ""  # not planned for this row
+    if not hit["present"].all():  # a mean over the seeds that happen to exist would hide the missing ones
+        done = int(hit["present"].sum())
+        return MISSING if len(hit) == 1 else f"{MISSING} ({done}/{len(hit)} seeds)"
+    values = [m.get(key) for m in hit["metrics_data"]]
+    if any(v is None for v in values):  # measured before this metric was asked for: not re-run yet
+        return MISSING
+    return format_values([float(v) for v in values], decimals)
+
+
+def _reported_cells(r: dict, steps: list[int], decimals: int = 2) -> list[str]:
+    vals = {int(k): v for k, v in r["values"].items()}
+    cells = []
+    for s in steps:
+        if s not in vals:
+            cells.append("")
+        else:
+            cells.append(f"{vals[s]:.{decimals}f}" if vals[s] is not None else "n/t")
+    return cells
+
+
+def _metric_of(r: dict) -> str:
+    return r.get("metric") or FID
 
 
 def _git_commit(root: Path) -> str:
@@ -48,39 +100,49 @@ def _git_commit(root: Path) -> str:
         return "unknown"
 
 
-def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[dict], root: Path = Path("."),
-                  scale: dict | None = None) -> dict:
-    """Everything the template shows; `scale` is the render params' scale profile (name, description, set) when
-    the spec was compiled with `--scale`."""
-    df = gather(rows, root)
-    model_rows = df[df["steps"].notna()]
-    calib_rows = df[df["steps"].isna()]
+def _step_table(model_rows: pd.DataFrame, reported: list[dict], key: str, decimals: int) -> dict:
+    """Our rows × step counts for one metric, and the papers' rows of that metric over the same columns."""
     steps = sorted({int(s) for s in model_rows["steps"]} | {int(k) for r in reported for k in r["values"]})
-
-    def fmt_cell(sub: pd.DataFrame, s: int) -> str:
-        hit = sub[sub["steps"] == s]
-        if hit.empty:
-            return ""  # not planned for this row
-        if not hit["present"].all():  # a mean over the seeds that happen to exist would hide the missing ones
-            done = int(hit["present"].sum())
-            return MISSING if len(hit) == 1 else f"{MISSING} ({done}/{len(hit)} seeds)"
-        return format_fid([float(f) for f in hit["fid"]])
-
     body = []
     for row_id in dict.fromkeys(model_rows["row"]):
         sub = model_rows[model_rows["row"] == row_id]
-        body.append({"label": sub.iloc[0]["label"], "cells": [fmt_cell(sub, s) for s in steps]})
-    paper = []
-    for r in reported:
-        vals = {int(k): v for k, v in r["values"].items()}
-        cells = []
-        for s in steps:
-            if s not in vals:
-                cells.append("")
-            else:
-                cells.append(f"{vals[s]:.2f}" if vals[s] is not None else "n/t")
-        paper.append({"label": r["system"], "source": r["source"], "reason": r.get("reason"), "cells": cells})
-    comparison = _comparison(model_rows, reported)
+        body.append({"label": sub.iloc[0]["label"], "cells": [_cell(sub, s, key, decimals) for s in steps]})
+    paper = [{"label": r["system"], "source": r["source"], "reason": r.get("reason"),
+              "cells": _reported_cells(r, steps, decimals)} for r in reported]
+    return {"steps": steps, "body": body, "paper": paper}
+
+
+def _extra_tables(model_rows: pd.DataFrame, calib_rows: pd.DataFrame, reported: list[dict],
+                  extra_metrics: list[str]) -> tuple[list[dict], dict]:
+    """One step table per value of the spec's extra metrics, plus their calibration rows (one column each)."""
+    tables, columns = [], []
+    for option in extra_metrics:
+        for key in keys.METRIC_VALUES[option]:
+            heading, note, decimals = EXTRA_VALUES[key]
+            t = _step_table(model_rows, [r for r in reported if _metric_of(r) == key], key, decimals)
+            tables.append({"heading": heading, "note": note, **t})
+            columns.append((key, heading, decimals))
+    calib = {"headings": [h for _, h, _ in columns], "rows": []}
+    for _, rec in calib_rows.iterrows():
+        m = rec["metrics_data"] if rec["present"] else {}
+        calib["rows"].append({"label": rec["label"], "cells": [
+            f"{m[k]:.{d}f}" if m.get(k) is not None else MISSING for k, _, d in columns]})
+    return tables, calib
+
+
+def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[dict], root: Path = Path("."),
+                  extra_metrics: list[str] | tuple[str, ...] = (), scale: dict | None = None) -> dict:
+    """Everything the template shows. `extra_metrics`: the render params' list of metric options beyond FID
+    ("isc", "prc"); reported rows of other metrics than FID appear only in those metrics' tables. `scale`: the
+    render params' scale profile (name, description, set) when the spec was compiled with `--scale`."""
+    df = gather(rows, root)
+    model_rows = df[df["steps"].notna()]
+    calib_rows = df[df["steps"].isna()]
+    fid_reported = [r for r in reported if _metric_of(r) == FID]
+    fid_table = _step_table(model_rows, fid_reported, FID, 2)
+    steps, body, paper = fid_table["steps"], fid_table["body"], fid_table["paper"]
+    comparison = _comparison(model_rows, fid_reported)
+    extra, extra_calib = _extra_tables(model_rows, calib_rows, reported, list(extra_metrics))
     calib = [
         {"label": rec["label"], "fid": f"{rec['fid']:.2f}" if rec["present"] else MISSING,
          "n": rec["metrics_data"]["num_samples"] if rec["present"] else MISSING}
@@ -88,6 +150,7 @@ def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[
     ]
     present = df[df["present"]]
     prov_keys = ["fid_impl", "feature_extractor", "weights_sha256", "ref", "num_samples", "seeds"]
+    prov_keys += [k for option in extra_metrics for k in EXTRA_PROVENANCE[option]]
     provenance: dict[str, list[str]] = {k: [] for k in prov_keys}
     for _, rec in present[present["steps"].notna()].iterrows():
         for k in prov_keys:
@@ -102,6 +165,8 @@ def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[
         "paper": paper,
         "comparison": comparison,
         "calib": calib,
+        "extra": extra,
+        "extra_calib": extra_calib if extra and extra_calib["rows"] else None,
         "provenance": provenance,
         # a cell is one (row, steps) of the table, however many seeds it averages
         "n_missing": int((~df.groupby(["row", "steps"], dropna=False)["present"].all()).sum()),

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 
-from sferd.spec.models import SferdPDMethod, Spec, UNetSpec
+from sferd.metrics import keys
+from sferd.spec.models import EvaluationSpec, SferdPDMethod, Spec, UNetSpec
 
 Problem = tuple[tuple[str | int, ...], str]
 
@@ -87,6 +88,32 @@ def _check_start_from(spec: Spec, m: int, earlier: dict[str, int]) -> list[Probl
     return []
 
 
+def _check_metrics(ev: EvaluationSpec) -> list[Problem]:
+    """Extra metrics need an extractor that provides their features and enough samples for torch-fidelity."""
+    problems: list[Problem] = []
+    supported = keys.EXTRACTOR_METRICS.get(ev.feature_extractor, ())
+    for k, metric in enumerate(ev.metrics):
+        if metric not in supported:
+            why = " (it has no class logits)" if metric == keys.METRIC_ISC else ""
+            problems.append((("evaluation", "metrics", k),
+                             f"feature extractor {ev.feature_extractor} cannot compute {metric}{why}; it supports: "
+                             f"{', '.join(supported)}"))
+    if keys.METRIC_ISC in ev.metrics and ev.num_samples < keys.ISC_SPLITS_DEFAULT:
+        problems.append((("evaluation", "num_samples"),
+                         f"the Inception Score is a mean over {keys.ISC_SPLITS_DEFAULT} splits: it needs at least "
+                         f"{keys.ISC_SPLITS_DEFAULT} samples"))
+    if keys.METRIC_PRC in ev.metrics and ev.num_samples <= keys.PRC_NEIGHBORHOOD_DEFAULT:
+        # each sample's k-NN radius is the distance to its (k+1)-th nearest sample, itself being the first
+        problems.append((("evaluation", "num_samples"),
+                         f"precision/recall with k = {keys.PRC_NEIGHBORHOOD_DEFAULT} neighbours needs more than "
+                         f"{keys.PRC_NEIGHBORHOOD_DEFAULT} samples"))
+    return problems
+
+
+# metrics-file value → the `evaluation.metrics` option that produces it
+PRODUCER = {value: option for option, values in keys.METRIC_VALUES.items() for value in values}
+
+
 def check_spec(spec: Spec) -> list[Problem]:
     problems: list[Problem] = []
     res = spec.dataset.resolution
@@ -147,7 +174,13 @@ def check_spec(spec: Spec) -> list[Problem]:
                      f"method {method.name!r} produces no {steps}-step student (its chain: {sorted(chain, reverse=True)})")
                 )
 
+    problems.extend(_check_metrics(ev))
+
     for r, row in enumerate(spec.reported):
         if row.method is not None and row.method not in names:
             problems.append((("reported", r, "method"), f"no method named {row.method!r} (methods: {sorted(names)})"))
+        if PRODUCER[row.metric] not in ev.metrics:
+            # a paper number with nothing of ours beside it would be a table row that can never be compared
+            problems.append((("reported", r, "metric"), f"{row.metric} is not computed by this spec: add "
+                             f"{PRODUCER[row.metric]} to evaluation.metrics"))
     return problems

@@ -427,6 +427,10 @@ Method = Annotated[Union[PDMethod, SferdPDMethod], Field(discriminator="kind")]
 
 FeatureExtractor = Literal["digits-cnn", "inception-v3-compat"]
 Calibration = Literal["heldout", "noise"]
+# Metric options (sferd.metrics.keys.METRIC_OPTIONS) and the values they put in a metrics file (METRIC_VALUES);
+# spelled out here because validation must not import anything heavy, and a test keeps the two equal.
+MetricOption = Literal["fid", "isc", "prc"]
+MetricValue = Literal["fid", "isc", "precision", "recall"]
 
 
 class EvaluationSpec(Model):
@@ -460,6 +464,12 @@ class EvaluationSpec(Model):
         default_factory=list,
         description="Calibration rows: `heldout` (held-out vs training images, a floor), `noise` (Gaussian noise images, a ceiling).",
     )
+    metrics: list[MetricOption] = Field(
+        ["fid"],
+        description="What every FID stage measures, all by torch-fidelity with `feature_extractor`: `fid` (required), "
+        "`isc` (Inception Score from the extractor's class logits, 10 splits), `prc` (precision and recall, k = 3, "
+        "of the samples against the reference set). Extra metrics get their own tables below the FID table.",
+    )
 
     @field_validator("student_steps")
     @classmethod
@@ -476,6 +486,16 @@ class EvaluationSpec(Model):
         for s in v:
             if s < 1:
                 raise ValueError(f"step count {s} must be >= 1")
+        return v
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[str]) -> list[str]:
+        if "fid" not in v:
+            raise ValueError("`fid` is required: the table is an FID table, other metrics come beside it")
+        repeated = sorted({m for m in v if v.count(m) > 1})
+        if repeated:
+            raise ValueError(f"listed more than once: {', '.join(repeated)}")
         return v
 
 
@@ -495,7 +515,11 @@ class ReportedRow(Model):
     system: str = Field(description="Row label, e.g. 'PD (Salimans & Ho)'.")
     method: str | None = Field(None, description="Name of the spec method this row compares with, if any.")
     source: str = Field(description="Paper, table and version the numbers come from.")
-    metric: Literal["fid"] = Field("fid", description="Metric of the values.")
+    metric: MetricValue = Field(
+        "fid",
+        description="Metric of the values: `fid`, `isc` (Inception Score), `precision` or `recall`; a metric other "
+        "than FID must be computed by the spec (`evaluation.metrics`).",
+    )
     values: dict[int, float | None] = Field(description="Steps → reported value; null when not transcribed.")
     reason: str | None = Field(None, description="Why values are null (required if any is).")
 
@@ -546,7 +570,7 @@ class Spec(Model):
     )
     teacher: Teacher = Field(description="The diffusion model every method distils: trained by a stage or imported.")
     methods: list[Method] = Field(min_length=1, description="Distillation methods, one chain each.")
-    evaluation: EvaluationSpec = Field(description="FID protocol.")
+    evaluation: EvaluationSpec = Field(description="FID protocol, and any extra metrics.")
     table: TableSpec = Field(description="The rendered table.")
     reported: list[ReportedRow] = Field(default_factory=list, description="Paper numbers shown beside ours.")
     scales: dict[str, ScaleProfile] = Field(

@@ -5,6 +5,8 @@ floor; Gaussian noise images: the ceiling). Samples are saved as one .npz (uint8
 so FID can be recomputed with another implementation without resampling. Sample k uses seed
 `sample_seed_start + k` for its noise and class, so the set does not depend on batch size or sharding.
 The metrics file records which FID, on what, with which seeds — the number is meaningless without it.
+When the spec asks for them, the same stage adds the Inception Score and precision/recall (torch-fidelity's
+implementations, same extractor) and the settings they were computed with.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from sferd.metrics import keys
-from sferd.pipeline.artifacts import fresh_dir, read_npz, write_json, write_npz
+from sferd.pipeline.artifacts import fresh_dir, read_npz, sha256_file, write_json, write_npz
 from sferd.pipeline.errors import StageError
 from sferd.pipeline.stages.common import load_model
 
@@ -32,6 +34,16 @@ def _reference_statistics(reference: dict, weights_sha256: str) -> dict:
                          f"re-run `dvc repro {folder.name}`")
     with np.load(folder / info["file"], allow_pickle=False) as z:
         return {"mu": z["mu"], "sigma": z["sigma"], "ref_sha256": info[keys.REF_SHA256]}
+
+
+def _reference_images(reference: dict, ref_sha256: str) -> np.ndarray:
+    """The reference images themselves (precision/recall compare against real-image features, not statistics),
+    checked to be the very file the reference statistics were computed from."""
+    path = reference["path"]
+    if sha256_file(path) != ref_sha256:
+        raise StageError(f"{path} is not the reference set the statistics in {reference['stats_dir']} were computed "
+                         f"from: re-run the reference-statistics stage")
+    return read_npz(path)["images"]
 
 
 def seed_range(start: int, n: int) -> str:
@@ -84,11 +96,13 @@ def _noise_images(seeds: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
 
 def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> None:
     """`make_sampler(source, net, steps) -> sample(noise, seeds, y)` replaces DDIM for methods with their own
-    sampler; `extra_metrics(params)` adds method-specific cost keys."""
+    sampler; `extra_metrics(params)` adds method-specific cost keys. The spec's extra metrics (IS, precision/recall)
+    arrive as `params["extra_metrics"]`, absent when only FID is measured."""
     from sferd.metrics.fid import (
         FeatureExtractorWeightsError,
-        fid_against_statistics,
+        extra_metrics_provenance,
         fid_provenance,
+        measure_samples,
         resolve_feature_extractor_weights,
     )
 
@@ -99,6 +113,9 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
     except FeatureExtractorWeightsError as e:
         raise StageError(str(e)) from e
     ref_stats = _reference_statistics(params["reference"], provenance[keys.WEIGHTS_SHA256])
+    metric_settings = params.get("extra_metrics", {})  # IS, precision/recall: only when the spec asks
+    ref_images = (_reference_images(params["reference"], ref_stats["ref_sha256"])
+                  if keys.METRIC_PRC in metric_settings else None)
     out = fresh_dir(params["outputs"]["dir"])
 
     src = params["source"]
@@ -121,13 +138,18 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
         raise StageError(f"unknown FID source {src['kind']!r}")
     write_npz(out / "samples.npz", images=images, labels=labels, seeds=seeds)
 
-    fid = fid_against_statistics(images, ref_stats, feature_extractor=extractor, weights_path=weights)
+    try:
+        values = measure_samples(images, ref_stats, feature_extractor=extractor, weights_path=weights,
+                                 extra=metric_settings, reference_images=ref_images)
+    except ValueError as e:  # too few images for a metric's setting (a calibration set smaller than planned)
+        raise StageError(str(e)) from e
+    fid = values[keys.FID]
     write_json(
         params["outputs"]["metrics"],
         {
             keys.STAGE: name,
             "row": params["row"],
-            keys.FID: fid,
+            **values,  # fid, and the extra metrics' values when asked for
             keys.STEPS: steps,
             keys.NFE: nfe,
             **extra,
@@ -136,6 +158,9 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
             keys.REF: params["reference"]["name"],
             keys.REF_SHA256: ref_stats["ref_sha256"],
             **provenance,
+            **extra_metrics_provenance(metric_settings,
+                                       num_real=len(ref_images) if ref_images is not None else None),
         },
     )
-    print(f"{name}: FID {fid:.3f} ({len(images)} samples, {extractor})")
+    print(f"{name}: FID {fid:.3f} ({len(images)} samples, {extractor})"
+          + "".join(f", {k} {v:.3f}" for k, v in values.items() if k != keys.FID))

@@ -13,7 +13,8 @@ def run(name: str, params: dict) -> None:
     from sferd.report.table import gather, render_markdown, table_context
 
     outs = params["outputs"]
-    ctx = table_context(params["spec"], params["table"], params["rows"], params["reported"], scale=params.get("scale"))
+    ctx = table_context(params["spec"], params["table"], params["rows"], params["reported"],
+                        extra_metrics=params.get("extra_metrics", ()), scale=params.get("scale"))
     # figures first, the table (which links them) last
     write_fid_plot(fid_series(gather(params["rows"])), outs["plot"], outs["plot_data"], params["table"]["title"])
     grids = Path(outs["grids"])
