@@ -1,0 +1,78 @@
+"""The paper pipeline at smoke scale: specs/table1.yaml with its `smoke` scale profile, tiny fake CIFAR-10 files
+in torchvision's format and the small feature CNN trained on them, through real `sferd-spec compile --scale` and
+`dvc repro`, offline, to a rendered table that says which scale it was run at."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fakes import write_fake_cifar10
+from ruamel.yaml import YAML
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PER_BATCH = 16  # 5 training batches → 80 training images; 16 test images
+
+
+def _run(args, cwd):
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}  # tiny models: threads only add spin-waiting
+    r = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    d = tmp_path_factory.mktemp("smoke")
+    shutil.copytree(ROOT / "sferd", d / "sferd", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "specs", d / "specs")
+    shutil.copytree(ROOT / "stages", d / "stages")  # the committed paper pipelines, which must stay untouched
+    write_fake_cifar10(d / "data/cifar10", per_batch=PER_BATCH)  # table1's data_dir
+    _run(["git", "init", "-q"], d)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], d)
+    _run(["dvc", "init", "-q"], d)
+    _run(["dvc", "config", "core.analytics", "false"], d)
+    _run(["sferd-spec", "compile", "specs/table1.yaml", "--scale", "smoke"], d)
+    repro = _run(["dvc", "repro", "stages/table1-smoke/dvc.yaml"], d)
+    return d, repro
+
+
+def test_smoke_scale_runs_the_whole_table1_pipeline_to_a_rendered_table(smoke):
+    d, _ = smoke
+    stages = YAML(typ="safe").load((d / "stages/table1-smoke/dvc.yaml").read_text())["stages"]
+    assert all(name.startswith(("cifar10-smoke-", "table1-smoke-")) for name in stages)
+    # the paper-scale pipeline is not touched by a scaled compile
+    assert (d / "stages/table1/dvc.yaml").read_text() == (ROOT / "stages/table1/dvc.yaml").read_text()
+    table = (d / "results/tables/table1-smoke.md").read_text()
+    assert " missing |" not in table and "cells measured: 9/9" in table
+    assert "**Scale: `smoke`**" in table and "`methods.*.start_steps` = 16" in table
+    # the paper's numbers beside ours, with Δ
+    assert "| PD (Salimans & Ho) | 9.12 | 4.51 | 3.00 | 2.57 |" in table
+    assert "| SFERD | 1 | 5.31 |" in table
+    for name in ["cifar10-smoke-teacher-s0016-fid", "cifar10-smoke-pd-s0001-fid", "cifar10-smoke-sferd-s0008-fid"]:
+        m = json.loads((d / f"results/metrics/{name}.json").read_text())
+        assert math.isfinite(m["fid"]) and m["num_samples"] == 64 and m["feature_extractor"] == "digits-cnn"
+    # trained on the fake files through torchvision's loader: 5 batches × 16 images, RGB 32×32
+    import numpy as np
+
+    with np.load(d / "results/cifar10-smoke-data/train.npz") as z:
+        assert z["images"].shape == (5 * PER_BATCH, 32, 32, 3)
+    feats = json.loads((d / "results/metrics/cifar10-smoke-features.json").read_text())
+    assert 0.0 <= feats["heldout_accuracy"] <= 1.0
+    samples = np.load(d / "results/cifar10-smoke-sferd-s0001-fid/samples.npz")
+    assert samples["images"].shape == (64, 32, 32, 3)
+
+
+def test_smoke_run_is_up_to_date_afterwards(smoke):
+    d, _ = smoke
+    status = _run(["dvc", "status", "stages/table1-smoke/dvc.yaml"], d).stdout
+    assert "up to date" in status, status
