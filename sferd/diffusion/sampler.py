@@ -38,14 +38,14 @@ def ddim_sample(
     x = noise
     b = noise.shape[0]
     for i in range(steps, 0, -1):
-        t = torch.full((b,), i / steps, dtype=noise.dtype)
+        t = torch.full((b,), i / steps, dtype=noise.dtype, device=noise.device)
         x0, _ = denoise(x, t, y)
         if clip:
             alpha, sigma = alpha_sigma(logsnr(t))
             x0, _ = clip_x0(x0, x, broadcast(alpha, x), broadcast(sigma, x))
         if i == 1:
             return x0
-        x = ddim_step(x, x0, t, torch.full((b,), (i - 1) / steps, dtype=noise.dtype))
+        x = ddim_step(x, x0, t, torch.full((b,), (i - 1) / steps, dtype=noise.dtype, device=noise.device))
     raise AssertionError("unreachable")
 
 
@@ -70,4 +70,4 @@ def per_sample_noise(seeds: np.ndarray | list[int], shape: tuple[int, ...], *, s
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] B×C×H×W float → B×H×W×C uint8 via clamp(round(127.5 (x + 1)), 0, 255)."""
     q = torch.round(127.5 * (x.clamp(-1, 1) + 1.0)).clamp(0, 255).to(torch.uint8)
-    return q.permute(0, 2, 3, 1).contiguous().numpy()
+    return q.permute(0, 2, 3, 1).contiguous().cpu().numpy()

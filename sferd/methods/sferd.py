@@ -86,7 +86,7 @@ def sample_sferd(
     x = noise
     b = noise.shape[0]
     for step in range(num_steps, 0, -1):
-        t = torch.full((b,), step / num_steps, dtype=noise.dtype)
+        t = torch.full((b,), step / num_steps, dtype=noise.dtype, device=noise.device)
         lam = logsnr(t)
         alpha, sigma = alpha_sigma(lam)
         a, s = broadcast(alpha, x), broadcast(sigma, x)
@@ -97,5 +97,5 @@ def sample_sferd(
         x0, _ = clip_x0(x0, x, a, s)
         if step == 1:
             return x0
-        x = ddim_step(x, x0, t, torch.full((b,), (step - 1) / num_steps, dtype=noise.dtype))
+        x = ddim_step(x, x0, t, torch.full((b,), (step - 1) / num_steps, dtype=noise.dtype, device=noise.device))
     raise AssertionError("unreachable")

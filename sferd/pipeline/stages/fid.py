@@ -4,6 +4,8 @@ Sources: a model sampled with DDIM (teacher or student), or a calibration set (h
 floor; Gaussian noise images: the ceiling). Samples are saved as one .npz (uint8 N×H×W×C, labels, seeds)
 so FID can be recomputed with another implementation without resampling. Sample k uses seed
 `sample_seed_start + k` for its noise and class, so the set does not depend on batch size or sharding.
+Under torchrun each rank samples whole batches of the one-process batch list and rank 0 gathers them
+(sferd/pipeline/distributed.py): samples.npz is the same bytes for any number of processes.
 The metrics file records which FID, on what, with which seeds — the number is meaningless without it.
 When the spec asks for them, the same stage adds the Inception Score and precision/recall (torch-fidelity's
 implementations, same extractor) and the settings they were computed with.
@@ -15,6 +17,7 @@ import numpy as np
 
 from sferd.metrics import keys
 from sferd.pipeline.artifacts import fresh_dir, read_npz, sha256_file, write_json, write_npz
+from sferd.pipeline.distributed import Launch, gather_to_main, launch, merge_shards, process_group, shard_slices
 from sferd.pipeline.errors import StageError
 from sferd.pipeline.stages.common import load_model
 
@@ -46,11 +49,29 @@ def _reference_images(reference: dict, ref_sha256: str) -> np.ndarray:
     return read_npz(path)["images"]
 
 
+SAMPLED = ("model", "sferd")  # sources drawn from a model: the part a sharded launch splits across ranks
+SOURCES = SAMPLED + ("heldout", "noise")
+
+
 def seed_range(start: int, n: int) -> str:
     return f"{start}-{start + n - 1}"
 
 
-def _sample_model(params: dict, seeds: np.ndarray, label: str, make_sampler=None) -> tuple[np.ndarray, np.ndarray]:
+def _sample_model(params: dict, seeds: np.ndarray, label: str, make_sampler=None,
+                  proc: Launch | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(images, labels) in seed order on rank 0, None on the other ranks of a sharded launch."""
+    proc = proc or Launch()
+    with process_group(proc):
+        shard = _sample_shard(params, seeds, label, make_sampler, proc)
+        shards = gather_to_main(proc, shard)
+    if shards is None:
+        return None
+    merged = merge_shards([{k: v.numpy() for k, v in s.items()} for s in shards], len(seeds))
+    return merged["images"], merged["labels"]
+
+
+def _sample_shard(params: dict, seeds: np.ndarray, label: str, make_sampler, proc: Launch) -> dict:
+    """This rank's batches of the seed list: {positions, images, labels} as CPU tensors (what the gather sends)."""
     import torch
 
     from sferd.diffusion.denoiser import NetworkDenoiser
@@ -59,7 +80,8 @@ def _sample_model(params: dict, seeds: np.ndarray, label: str, make_sampler=None
 
     src = params["source"]
     model_cfg = src["model"]
-    net = load_model(src["checkpoint"], model_cfg)
+    device = proc.device
+    net = load_model(src["checkpoint"], model_cfg).to(device)
     if make_sampler is not None:  # a method-specific sampler (SFERD: latent prior + shifted student)
         sample = make_sampler(src, net, params["steps"])
     else:
@@ -69,23 +91,33 @@ def _sample_model(params: dict, seeds: np.ndarray, label: str, make_sampler=None
             return ddim_sample(denoiser, noise, params["steps"], y=y, clip=True)
     shape = (model_cfg["in_channels"], model_cfg["resolution"], model_cfg["resolution"])
     num_classes = model_cfg.get("num_classes")
-    labels = np.full(len(seeds), -1, dtype=np.int64)
-    if num_classes:
-        # class of sample k from its own seed (an independent stream from its noise)
-        labels = np.array([np.random.default_rng([int(s), 1]).integers(num_classes) for s in seeds], dtype=np.int64)
-    chunks = []
-    bs = params["sample_batch_size"]
-    progress = Progress(label, len(seeds))
+    batches = shard_slices(len(seeds), params["sample_batch_size"], proc.rank, proc.world_size)
+    # empty leaders: a rank may get no batch at all (more ranks than batches) and still sends well-shaped arrays
+    images, labels = [np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)], [np.zeros(0, np.int64)]
+    positions = [np.zeros(0, np.int64)] + [np.arange(b.start, b.stop, dtype=np.int64) for b in batches]
+    # one bar, rank 0's: N processes drawing over each other would help nobody, and the shares differ by ≤ 1 batch
+    progress = Progress(f"{label} [rank 0 of {proc.world_size}]" if proc.sharded else label,
+                        sum(len(p) for p in positions)) if proc.is_main else None
     try:
-        for lo in range(0, len(seeds), bs):
-            idx = slice(lo, lo + bs)
-            noise = per_sample_noise(seeds[idx], shape)
-            y = torch.from_numpy(labels[idx]) if num_classes else None
-            chunks.append(to_uint8(sample(noise, seeds[idx], y)))
-            progress.update(len(noise))
+        for b in batches:
+            y = _class_labels(seeds[b], num_classes)
+            noise = per_sample_noise(seeds[b], shape).to(device)  # drawn on the CPU: the same noise on any device
+            images.append(to_uint8(sample(noise, seeds[b], torch.from_numpy(y).to(device) if num_classes else None)))
+            labels.append(y)
+            if progress is not None:
+                progress.update(len(noise))
     finally:
-        progress.close()
-    return np.concatenate(chunks), labels
+        if progress is not None:
+            progress.close()
+    return {k: torch.from_numpy(np.concatenate(v)) for k, v in
+            (("positions", positions), ("images", images), ("labels", labels))}
+
+
+def _class_labels(seeds: np.ndarray, num_classes: int | None) -> np.ndarray:
+    """Class of sample k from its own seed (a stream independent of its noise); −1 for unconditional models."""
+    if not num_classes:
+        return np.full(len(seeds), -1, dtype=np.int64)
+    return np.array([np.random.default_rng([int(s), 1]).integers(num_classes) for s in seeds], dtype=np.int64)
 
 
 def _noise_images(seeds: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -94,48 +126,61 @@ def _noise_images(seeds: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return to_uint8(per_sample_noise(seeds, shape).clamp(-1, 1))
 
 
-def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> None:
-    """`make_sampler(source, net, steps) -> sample(noise, seeds, y)` replaces DDIM for methods with their own
-    sampler; `extra_metrics(params)` adds method-specific cost keys. The spec's extra metrics (IS, precision/recall)
-    arrive as `params["extra_metrics"]`, absent when only FID is measured."""
-    from sferd.metrics.fid import (
-        FeatureExtractorWeightsError,
-        extra_metrics_provenance,
-        fid_provenance,
-        measure_samples,
-        resolve_feature_extractor_weights,
-    )
+def _measuring_tools(params: dict) -> tuple[str, dict, dict]:
+    """(extractor weights, FID provenance, reference statistics), checked before any sampling: a missing
+    extractor or stale statistics must not cost a sampling run."""
+    from sferd.metrics.fid import FeatureExtractorWeightsError, fid_provenance, resolve_feature_extractor_weights
 
     extractor = params["feature_extractor"]
-    try:  # before any sampling: a missing extractor must not cost a sampling run
+    try:
         weights = resolve_feature_extractor_weights(extractor, params["feature_weights"])
         provenance = fid_provenance(feature_extractor=extractor, weights_path=weights)  # hashes the weights once
     except FeatureExtractorWeightsError as e:
         raise StageError(str(e)) from e
-    ref_stats = _reference_statistics(params["reference"], provenance[keys.WEIGHTS_SHA256])
+    return weights, provenance, _reference_statistics(params["reference"], provenance[keys.WEIGHTS_SHA256])
+
+
+def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> None:
+    """`make_sampler(source, net, steps) -> sample(noise, seeds, y)` replaces DDIM for methods with their own
+    sampler; `extra_metrics(params)` adds method-specific cost keys. The spec's extra metrics (IS, precision/recall)
+    arrive as `params["extra_metrics"]`, absent when only FID is measured.
+
+    Under torchrun (sferd/pipeline/distributed.py) every rank samples its share of a model's seeds; rank 0
+    alone checks the FID inputs, touches the outputs and measures. If its checks fail it exits before joining
+    the process group, and torchrun stops the ranks waiting there: nothing is sampled in vain.
+    """
+    src = params["source"]
+    if src["kind"] not in SOURCES:
+        raise StageError(f"unknown FID source {src['kind']!r}")
+    start, n = params["sample_seed_start"], params["num_samples"]
+    seeds = np.arange(start, start + n, dtype=np.int64)
+    steps = params["steps"]
+    proc = launch()
+    if not proc.is_main:  # sample this rank's share, hand it to rank 0 in the gather, done
+        if src["kind"] in SAMPLED:
+            _sample_model(params, seeds, name, make_sampler, proc)
+        return
+    from sferd.metrics.fid import extra_metrics_provenance, measure_samples  # rank 0 only: a slow import
+
+    extractor = params["feature_extractor"]
+    weights, provenance, ref_stats = _measuring_tools(params)
     metric_settings = params.get("extra_metrics", {})  # IS, precision/recall: only when the spec asks
     ref_images = (_reference_images(params["reference"], ref_stats["ref_sha256"])
                   if keys.METRIC_PRC in metric_settings else None)
     out = fresh_dir(params["outputs"]["dir"])
 
-    src = params["source"]
-    start, n = params["sample_seed_start"], params["num_samples"]
-    seeds = np.arange(start, start + n, dtype=np.int64)
-    steps = params["steps"]
     extra: dict = extra_metrics(params) if extra_metrics is not None else {}
-    if src["kind"] in ("model", "sferd"):
-        images, labels = _sample_model(params, seeds, name, make_sampler)
+    if src["kind"] in SAMPLED:
+        images, labels = _sample_model(params, seeds, name, make_sampler, proc)
         nfe = steps
     elif src["kind"] == "heldout":
         held = read_npz(src["path"])
         images, labels = held["images"], held["labels"]
         seeds = np.full(len(images), -1, dtype=np.int64)  # real images: no sampling seed
         nfe = 0
-    elif src["kind"] == "noise":
+    else:  # noise
         c, h, w = params["image_shape"]
         images, labels, nfe = _noise_images(seeds, (c, h, w)), np.full(n, -1, dtype=np.int64), 0
-    else:
-        raise StageError(f"unknown FID source {src['kind']!r}")
     write_npz(out / "samples.npz", images=images, labels=labels, seeds=seeds)
 
     try:

@@ -31,14 +31,15 @@ def make_sampler(src: dict, net, num_steps: int):
     prior_ckpt = torch_load(src["prior"]["checkpoint"])
     mlp = LatentMLP(LatentMLPConfig(**prior_ckpt["mlp_config"]))
     mlp.load_state_dict(prior_ckpt["mlp"])
-    mlp.eval()
+    device = next(net.parameters()).device  # the stage put the student on its rank's device; the rest follows
+    mlp.eval().to(device)
     stats = LatentStats.from_state_dict(prior_ckpt["stats"])
     diffusion = LatentDiffusion()
     latent_dim = prior_ckpt["mlp_config"]["latent_dim"]
     pr = src["prior"]
 
     def sample(noise, seeds, y):
-        z_t = per_sample_noise(seeds, (latent_dim,), stream="latent")
+        z_t = per_sample_noise(seeds, (latent_dim,), stream="latent").to(device)  # drawn on the CPU, as x_1
         z_n = diffusion.ddim_sample(mlp, z_t, steps=pr["sampling_steps"], y=y, clip_noise=pr["clip_noise"], clip_x0=pr["clip_x0"])
         return sample_sferd(predictor=predictor, student=net, parameterization=src["parameterization"], noise=noise,
                             z=stats.denormalize(z_n), num_steps=num_steps,
