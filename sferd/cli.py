@@ -50,18 +50,37 @@ def main(
 SCALE_HELP = "Load the spec at this scale profile (its `scales:` block), e.g. smoke: own pipeline, table and stage names."
 
 
+def _load_checked(p: Path, scale: str | None):
+    """Load a spec at `scale`; loaded at its own scale, every profile it defines must load too (a broken `smoke`
+    profile is an error now, not when someone first asks for it)."""
+    from sferd.spec import SpecError, load_spec
+
+    spec = load_spec(p, display_path=p.as_posix(), scale=scale)
+    if scale is None:
+        issues = []
+        for name in spec.scales:
+            try:
+                load_spec(p, display_path=p.as_posix(), scale=name)
+            except SpecError as e:
+                issues.extend(e.issues)
+        if issues:
+            raise SpecError(issues)
+    return spec
+
+
 def _load_all(paths: list[Path], scale: str | None = None):
     """Load every spec (at scale profile `scale`); print all problems and exit 1 if any is invalid."""
-    from sferd.spec import SpecError, load_spec
+    from sferd.spec import SpecError
 
     specs, issues = [], []
     for p in paths:
         try:
-            specs.append((p, load_spec(p, display_path=p.as_posix(), scale=scale)))
+            specs.append((p, _load_checked(p, scale)))
         except SpecError as e:
             issues.extend(e.issues)
+    issues = sorted(set(issues))  # a base spec's error, reached through each spec extending it, once
     if issues:
-        for i in sorted(issues):
+        for i in issues:
             _err(i.format())
         _err(f"{len(issues)} error{'s' if len(issues) != 1 else ''}")
         raise typer.Exit(1)
@@ -97,12 +116,12 @@ def validate(
     """
     if format not in ("text", "json"):
         raise typer.BadParameter("must be text or json", param_hint="--format")
-    from sferd.spec import SpecError, load_spec
+    from sferd.spec import SpecError
 
     results, issues = [], []
     for p in specs:
         try:
-            spec = load_spec(p, display_path=p.as_posix(), scale=scale)
+            spec = _load_checked(p, scale)
         except SpecError as e:
             issues.extend(e.issues)
             results.append({"spec": p.as_posix(), "valid": False, "errors": [i.format() for i in e.issues]})
@@ -110,22 +129,23 @@ def validate(
         stages = _graph(spec, p)
         cost = sum(s.cost.get("forward_passes", 0.0) for s in stages)
         results.append(
-            {"spec": p.as_posix(), "valid": True, "name": spec.name + (f" at scale {scale}" if scale else ""),
-             "dataset": spec.dataset.id,
+            {"spec": p.as_posix(), "valid": True, "name": spec.name, "scale": scale, "dataset": spec.dataset.id,
              "stages": len(stages), "methods": [m.name for m in spec.methods],
              "student_steps": spec.evaluation.student_steps, "forward_passes": cost}
         )
+    issues = sorted(set(issues))
     if format == "json":
         print(json.dumps(results, indent=2))
     else:
-        for i in sorted(issues):
+        for i in issues:
             _err(i.format())
         if issues:
             _err(f"{len(issues)} error{'s' if len(issues) != 1 else ''}")
         for r in results:
             if r["valid"]:
                 print(
-                    f"{r['spec']}: ok — {r['name']} on {r['dataset']}: {r['stages']} stages, methods "
+                    f"{r['spec']}: ok — {r['name']}{' at scale ' + r['scale'] if r['scale'] else ''} on "
+                    f"{r['dataset']}: {r['stages']} stages, methods "
                     f"{', '.join(r['methods'])}, students at {', '.join(map(str, r['student_steps']))} steps "
                     f"(NFE = steps), ~{_human(r['forward_passes'])} image forward passes"
                 )
@@ -137,9 +157,9 @@ def _default_specs() -> list[Path]:
     return sorted(p for p in SPECS_DIR.glob("*.yaml"))
 
 
-def _homes(specs) -> list[tuple[str, object]]:
+def _homes(specs, *, strict: bool = True) -> list[tuple[str, object]]:
     """(home pipeline, stage) for every distinct stage of `specs`, in graph order per pipeline; exit 1 when two
-    specs define one stage name differently."""
+    specs define one stage name differently (not strict: the first definition wins, for information only)."""
     seen_paths: set[str] = set()
     everything = []
     for path, spec in specs:
@@ -155,7 +175,7 @@ def _homes(specs) -> list[tuple[str, object]]:
     for path, spec in everything:
         for st in _graph(spec, path):
             if st.name in home:
-                if home[st.name][1] != st:
+                if strict and home[st.name][1] != st:
                     _err(
                         f"{path.as_posix()}: error: stage {st.name} is also defined by {home[st.name][2]} "
                         "with different parameters (stage names must be unique across specs)"
@@ -165,6 +185,19 @@ def _homes(specs) -> list[tuple[str, object]]:
             home[st.name] = (spec.pipeline, st, path.as_posix())
             out.append((spec.pipeline, st))
     return out
+
+
+def _editor_schema(model) -> dict:
+    """The JSON Schema editors use: what a spec *file* may hold. `scale` is set by --scale, never written; with
+    `extends`, the set-up fields may come from the base, so they are required only without it."""
+    from sferd.spec.extends import INHERITED
+
+    schema = model.model_json_schema()
+    schema["properties"].pop("scale", None)
+    inherited = [k for k in schema.get("required", []) if k in INHERITED]
+    schema["required"] = [k for k in schema.get("required", []) if k not in INHERITED]
+    schema["anyOf"] = [{"required": ["extends"]}, {"required": inherited}]
+    return schema
 
 
 def _compiled_files(specs, context=()) -> dict[str, str]:
@@ -192,7 +225,7 @@ def _compiled_files(specs, context=()) -> dict[str, str]:
         except CompileError as e:
             _err(f"error: pipeline {pipeline}: {e}")
             raise typer.Exit(1)
-    files[SCHEMA_PATH.as_posix()] = json.dumps(Spec.model_json_schema(), indent=2, sort_keys=True) + "\n"
+    files[SCHEMA_PATH.as_posix()] = json.dumps(_editor_schema(Spec), indent=2, sort_keys=True) + "\n"
     return files
 
 
@@ -264,6 +297,22 @@ def _unet_gflops(model: dict) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def _valid_specs(besides: Path) -> list:
+    """The other specs in specs/ that load (for `plan`'s shared-stage notes: an invalid one elsewhere must not stop
+    planning this one)."""
+    from sferd.spec import SpecError, load_spec
+
+    out = []
+    for p in _default_specs():
+        if p.resolve() == besides.resolve():
+            continue
+        try:
+            out.append((p, load_spec(p, display_path=p.as_posix())))
+        except SpecError:
+            continue
+    return out
+
+
 @app.command()
 def plan(
     spec: Path = typer.Argument(..., help="Spec file."),
@@ -280,8 +329,7 @@ def plan(
     [(path, s)] = _load_all([spec], scale)
     stages = _graph(s, path)
     # stages another pipeline owns (an ablation's shared teacher and chain) are run once, there
-    others = [p for p in _default_specs() if p.resolve() != path.resolve()]
-    home = {st.name: pipeline for pipeline, st in _homes([(path, s), *_load_all(others)])}
+    home = {st.name: pipeline for pipeline, st in _homes([(path, s), *_valid_specs(path)], strict=False)}
     teacher = next(st for st in stages if st.kind in ("teacher", "teacher_import"))
     gflops = _unet_gflops(teacher.params["model"])
     hours_per_pass = gflops * 1e9 / (tflops * 1e12) / 3600.0

@@ -136,6 +136,24 @@ def test_bad_extends_is_a_located_error(tmp_path, value, base_extends, message):
     assert message in issue.message
 
 
+def test_a_clash_between_inherited_and_own_fields_points_at_extends(tmp_path):
+    """The base is valid on its own; the child's methods (down to 4 steps) clash with the inherited evaluation."""
+    child = CHILD[:CHILD.index("evaluation:")] + "table: {id: child, title: Child}\n"
+    with pytest.raises(SpecError) as e:
+        load_spec(_write(tmp_path, child=child), display_path="specs/child.yaml")
+    assert {(i.path, i.line, i.col) for i in e.value.issues} == {("specs/child.yaml", 3, 10)}
+    assert any(i.loc == "evaluation.student_steps.0 (inherited from specs/base.yaml)"
+               and "produces no 2-step student" in i.message for i in e.value.issues)
+
+
+def test_an_impossible_extends_path_is_a_located_error(tmp_path):
+    child = _write(tmp_path, child=CHILD.replace("extends: base.yaml", f"extends: {'x' * 300}.yaml"))
+    with pytest.raises(SpecError) as e:
+        load_spec(child)
+    [issue] = e.value.issues
+    assert issue.line == 3 and "cannot use" in issue.message
+
+
 # --------------------------------------------------------------------------------------------- start_from
 
 

@@ -106,3 +106,28 @@ def test_local_inception_weights_reach_every_fid_stage(tmp_path):
         load_spec(q)
     line = text.splitlines().index("  feature_weights: x.pth") + 1
     assert any(i.format().startswith(f"{q}:{line}:") and "only for inception-v3-compat" in i.format() for i in e.value.issues)
+
+
+@pytest.mark.parametrize("dataset_id", ["cifar10-64x64", "mnist-28x28"])
+def test_unknown_dataset_or_resolution_is_a_located_error_and_nothing_is_written(tmp_path, monkeypatch, dataset_id):
+    """A resolution the dataset does not come in is an unknown dataset id (ids carry the resolution)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from sferd.cli import app
+
+    shutil.copytree(ROOT / "sferd", tmp_path / "sferd", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "specs").mkdir()
+    text = (ROOT / "specs/table1.yaml").read_text()
+    assert "  id: cifar10-32x32\n" in text
+    (tmp_path / "specs/table1.yaml").write_text(text.replace("  id: cifar10-32x32\n", f"  id: {dataset_id}\n"))
+    monkeypatch.chdir(tmp_path)
+    line = text.splitlines().index("  id: cifar10-32x32") + 1
+    for args in (["validate", "specs/table1.yaml"], ["compile", "specs/table1.yaml"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 1, r.output
+        assert r.stderr.startswith(f"specs/table1.yaml:{line}:7: error: dataset.id: Input should be 'digits-8x8'")
+        assert "Traceback" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sferd", "specs"]  # nothing compiled
+    assert not (tmp_path / "specs/spec.schema.json").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 from sferd.spec.checks import check_spec
 from sferd.spec.extends import read_spec_layers
 from sferd.spec.loader import SpecError, validate_document
-from sferd.spec.models import Spec
+from sferd.spec.models import ScalesBlock, Spec
 from sferd.spec.scale import apply_scale, override_for
 
 __all__ = ["Spec", "SpecError", "load_spec"]
@@ -18,11 +18,15 @@ def load_spec(path: str | Path, *, display_path: str | None = None, scale: str |
     raise SpecError with every located problem."""
     shown = display_path or str(path)
     layers = read_spec_layers(path, shown=shown)
+    if layers.base_path is not None:
+        load_spec(layers.base_path, display_path=layers.base_shown)  # its own errors, in its own file
     plain = layers.plain()
     if "scale" in layers.doc:
         raise SpecError([layers.issue(("scale",), "`scale` is set by `--scale NAME` on the command line, not in a spec")])
     relocate = lambda loc: loc  # noqa: E731
     if scale is not None:
+        # the profile itself first: applying a malformed one would fail with a traceback, not a located error
+        validate_document({"scales": plain.get("scales") or {}}, ScalesBlock, where=layers.where)
         plain, written, bad = apply_scale(plain, scale)
         if bad:
             raise SpecError(layers.issue(("scales", scale, "set", key) if key else ("scales",), f"scale {scale!r}: {msg}")

@@ -162,6 +162,10 @@ def check_spec(spec: Spec) -> list[Problem]:
         if method.name in names:
             problems.append((("methods", m, "name"), f"method name {method.name!r} already used by methods.{names[method.name]}"))
         names[method.name] = m
+        for scale in spec.scales:
+            if method.name.startswith(f"{scale}-"):
+                problems.append((("methods", m, "name"), f"starts with the scale profile's name {scale!r}: the stages of "
+                                 f"`--scale {scale}` would collide with this method's"))
         if isinstance(method, SferdPDMethod):
             problems.extend(_check_sferd(spec, m, method))
         if method.start_from is not None:

@@ -6,8 +6,8 @@ does not write itself (`INHERITED`) from the named spec, whole: a field is taken
 never merged key by key, so where a value comes from is always one look away. The identity of the experiment
 (name, pipeline, table, reported numbers, description) is never inherited.
 
-One level only: the base may not itself extend a spec. Errors in an inherited field are reported at their line
-in the base file, since that is where the fix goes.
+One level only: the base may not itself extend a spec. The base must be valid on its own (its errors are reported
+in its file); a semantic clash between an inherited field and this spec's own fields is reported at `extends:`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 from ruamel.yaml.comments import CommentedMap
 
-from sferd.spec.loader import SpecError, issue_at, read_yaml, to_plain
+from sferd.spec.loader import SpecError, SpecIssue, issue_at, read_yaml, to_plain
 
 # Set-up fields a spec may take from its base. Everything else is the extending spec's own.
 INHERITED = ("seed", "seeds", "dataset", "features", "teacher", "methods", "evaluation")
@@ -35,6 +35,7 @@ class SpecLayers:
     base_doc: CommentedMap | None = None
     base_shown: str | None = None
     inherited: frozenset[str] = frozenset()
+    base_path: Path | None = None
 
     def where(self, loc: tuple) -> tuple[Any, str, tuple]:
         """The document and file an error at `loc` belongs to (and the loc to look up there)."""
@@ -50,6 +51,12 @@ class SpecLayers:
         return out
 
     def issue(self, loc: tuple, message: str):
+        """A semantic problem (check_spec). One in an inherited field is the extending spec's to fix (the base is
+        valid on its own; it is this spec's other fields that clash with it), so it points at `extends:`."""
+        if loc and loc[0] in self.inherited:
+            where = issue_at(self.doc, ("extends",), message, path=self.shown)
+            dotted = ".".join(map(str, loc))
+            return SpecIssue(where.path, where.line, where.col, f"{dotted} (inherited from {self.base_shown})", message)
         doc, shown, loc = self.where(loc)
         return issue_at(doc, loc, message, path=shown)
 
@@ -67,12 +74,16 @@ def read_spec_layers(path: str | Path, *, shown: str) -> SpecLayers:
         raise fail("`extends` takes the path of another spec file, relative to this one (e.g. table2.yaml)")
     base_path = Path(path).parent / value
     base_shown = posixpath.normpath(posixpath.join(posixpath.dirname(shown), value))
-    if not base_path.is_file():
+    try:
+        exists, same = base_path.is_file(), base_path.resolve() == Path(path).resolve()
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise fail(f"cannot use {value!r}: {e.strerror or e}") from None
+    if not exists:
         raise fail(f"no spec file {base_shown} to extend")
-    if base_path.resolve() == Path(path).resolve():
+    if same:
         raise fail("a spec cannot extend itself")
     base_doc = read_yaml(base_path, display_path=base_shown)
     if "extends" in base_doc:
         raise fail(f"{base_shown} itself extends {base_doc['extends']}: extend that spec directly (one level only)")
     inherited = frozenset(k for k in INHERITED if k in base_doc and k not in doc)
-    return SpecLayers(doc, shown, base_doc, base_shown, inherited)
+    return SpecLayers(doc, shown, base_doc, base_shown, inherited, base_path)

@@ -304,7 +304,7 @@ def _pos(container: Any, key: Any, which: str) -> tuple[int, int] | None:
 
 def _first_key(node: CommentedMap) -> tuple[int, int] | None:
     # lc.data is keyed in document order and holds only keys written in this mapping (not merged ones).
-    for entry in node.lc.data.values():
+    for entry in (node.lc.data or {}).values():  # an empty flow mapping `{}` records no keys (data is None)
         return entry[0], entry[1]
     if node.lc.line is not None:
         return node.lc.line, node.lc.col

@@ -533,6 +533,12 @@ class ReportedRow(Model):
 # --------------------------------------------------------------------------------------------------- spec
 
 
+def _check_scales(v: dict[str, "ScaleProfile"]) -> dict[str, "ScaleProfile"]:
+    for name in v:
+        _check_name(name)
+    return v
+
+
 class ScaleProfile(Model):
     """A named size override of the spec (sferd/spec/scale.py), chosen with `--scale NAME`."""
 
@@ -585,9 +591,7 @@ class Spec(Model):
     @field_validator("scales")
     @classmethod
     def _scale_names(cls, v: dict[str, ScaleProfile]) -> dict[str, ScaleProfile]:
-        for name in v:
-            _check_name(name)
-        return v
+        return _check_scales(v)
 
     @field_validator("name")
     @classmethod
@@ -612,3 +616,15 @@ class Spec(Model):
         if v.startswith("/") or ".." in parts:
             raise ValueError(f"{v!r} must be a relative path inside the repository")
         return v
+
+
+class ScalesBlock(BaseModel):
+    """Only a spec's `scales` block: checked before a profile is applied (the rest of the spec is validated after)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    scales: dict[str, ScaleProfile] = Field(default_factory=dict)
+
+    @field_validator("scales")
+    @classmethod
+    def _scale_names(cls, v: dict[str, ScaleProfile]) -> dict[str, ScaleProfile]:
+        return _check_scales(v)

@@ -16,6 +16,9 @@ from typing import Any
 
 PathPart = str | int
 
+# Top-level fields a profile may not set: the spec's identity, and the machinery that selects the profile itself.
+FIXED = ("schema_version", "name", "description", "extends", "pipeline", "scales", "scale")
+
 
 def parse_path(key: str) -> list[str]:
     return key.split(".")
@@ -28,6 +31,8 @@ def _targets(node: Any, parts: list[str], at: tuple[PathPart, ...] = ()) -> list
     head, rest = parts[0], parts[1:]
     if isinstance(node, list):
         if head == "*":
+            if not node:
+                raise ValueError(f"{'.'.join(map(str, at))} is an empty list: `*` sets nothing")
             return [t for i, item in enumerate(node) for t in _targets(item, rest, (*at, i))]
         if head.isdigit() and int(head) < len(node):
             return _targets(node[int(head)], rest, (*at, int(head)))
@@ -51,25 +56,35 @@ def _assign(doc: dict, path: tuple[PathPart, ...], value: Any) -> None:
 
 def apply_scale(plain: dict[str, Any], name: str) -> tuple[dict[str, Any], dict[tuple, str], list[tuple[str, str]]]:
     """The spec at scale `name`, which concrete path each `set:` key wrote (for locating errors), and problems
-    (dotted key, message) with the profile itself."""
+    (dotted key, message) with the profile itself. The `scales` block must already be validated."""
     scales = plain.get("scales") or {}
-    profile = scales.get(name) if isinstance(scales, dict) else None
-    if not isinstance(profile, dict):
+    if name not in scales:
         return plain, {}, [("", f"no scale profile {name!r} (this spec defines: {sorted(scales) or 'none'})")]
     out = copy.deepcopy(plain)
     written: dict[tuple, str] = {}
     problems: list[tuple[str, str]] = []
-    for key, value in (profile.get("set") or {}).items():
+    keys = [str(k) for k in scales[name]["set"]]
+    for key in keys:
+        inner = [other for other in keys if other.startswith(key + ".")]
+        if inner:  # YAML order would silently decide which of the two wins
+            problems.append((key, f"also set inside by {', '.join(inner)}: set the block or its fields, not both"))
+    for key, value in scales[name]["set"].items():
+        key = str(key)
+        if parse_path(key)[0] in FIXED:
+            problems.append((key, f"a scale profile cannot set {parse_path(key)[0]!r} (the scaled run's pipeline, "
+                                  "table and stage names are derived from the spec's own)"))
+            continue
         try:
-            paths = _targets(out, parse_path(str(key)))
+            paths = _targets(out, parse_path(key))
         except ValueError as e:
-            problems.append((str(key), str(e)))
+            problems.append((key, str(e)))
             continue
         for path in paths:
             _assign(out, path, value)
-            written[path] = str(key)
+            written[path] = key
     # the scaled run's own namespace: never the real run's pipeline, table or stage names
-    out["pipeline"] = f"{out.get('pipeline', '')}-{name}"
+    pipeline = out.get("pipeline", "")
+    out["pipeline"] = f"stages/{out.get('name', 'spec')}-{name}" if pipeline in ("", ".") else f"{pipeline}-{name}"
     if isinstance(out.get("table"), dict) and "id" in out["table"]:
         out["table"]["id"] = f"{out['table']['id']}-{name}"
     out["scale"] = name
