@@ -32,7 +32,7 @@ def test_smoke_profile_scales_table1_into_its_own_namespace():
     spec = load_spec(ROOT / "specs/table1.yaml", scale="smoke")
     paper = load_spec(ROOT / "specs/table1.yaml")
     assert (spec.scale, spec.pipeline, spec.table.id) == ("smoke", "stages/table1-smoke", "table1-smoke")
-    assert spec.teacher.model.base_channels == 32 and paper.teacher.model.base_channels == 256
+    assert spec.teacher.model.base_channels == 16 and paper.teacher.model.base_channels == 256
     assert [m.start_steps for m in spec.methods] == [16, 16] and spec.evaluation.num_samples == 64
     assert spec.reported == paper.reported  # the paper's numbers stay beside the smoke run's
     stages = build_graph(spec, spec_path="specs/table1.yaml")
