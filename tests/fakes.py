@@ -37,3 +37,13 @@ def write_fake_imagenet64(root: Path, per_file: int = 3, seed: int = 0) -> dict[
         np.savez(root / f"{name}.npz", data=data, labels=labels, **extra)
         written[name] = (data, labels)
     return written
+
+
+def write_metrics(root: Path, name: str, **metrics) -> str:
+    """A stage's metrics JSON under root/results/metrics/ (10 samples, seeds 0-9 unless given); its relative path."""
+    import json
+
+    rel = f"results/metrics/{name}.json"
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text(json.dumps({"num_samples": 10, "seeds": "0-9", **metrics}))
+    return rel

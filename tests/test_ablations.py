@@ -4,15 +4,13 @@ off another chain's student), the four ImageNet 64×64 ablations sharing table2'
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
+from workspace import run
 
 from sferd.pipeline.graph import build_graph
 from sferd.spec import SpecError, load_spec
@@ -171,19 +169,12 @@ def test_a_branch_starts_from_the_named_chains_student(tmp_path):
 
 
 def test_identical_branches_share_stages_and_the_predictor_learns_against_the_branch_teacher(tmp_path):
-    both = """  - kind: sferd
-    name: both
-    start_from: pd
-    start_steps: 8
-    end_steps: 4
-    updates_per_halving: 5
-    batch_size: 8
-    lr: 1.0e-4
-    guidance: {attention_block: {part: decoder, resolution: 4, position: last}, threshold: 0.9, blur_kernel_size: 15}
-    predictor: {latent_dim: 16, updates: 5}
-    prior: {width: 32, num_layers: 2, updates: 5}
-evaluation:"""
-    spec = load_spec(_write(tmp_path, child=CHILD.replace("evaluation:", both, 1)))
+    ag = CHILD[CHILD.index("  - kind: sferd\n"):CHILD.index("evaluation:")]
+    both = ag.replace("name: ag", "name: both").replace(
+        "    predictor: null\n    prior: null\n",
+        "    predictor: {latent_dim: 16, updates: 5}\n    prior: {width: 32, num_layers: 2, updates: 5}\n")
+    assert both != ag.replace("name: ag", "name: both")
+    spec = load_spec(_write(tmp_path, child=CHILD.replace("evaluation:", both + "evaluation:", 1)))
     stages = {s.name: s for s in build_graph(spec, spec_path="child.yaml")}
     assert "digits-both-s0004" not in stages  # same chain as `ag`: trained once
     pred = stages["digits-both-s0004-predictor"]
@@ -283,13 +274,9 @@ def test_ablations_share_table2s_teacher_and_chain_and_train_each_point_once():
 
 
 def _dry_run_stages(pipeline: str) -> list[str]:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    dvc = Path(sys.executable).with_name("dvc")
     # --force: on a fresh clone every stage is due, and DVC (#9021) cannot compute the status of a stage whose
     # upstream outputs do not exist yet; forced, it lists the stages without looking at them.
-    r = subprocess.run([str(dvc), "repro", "--dry", "--force", f"stages/{pipeline}/dvc.yaml"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = run(["dvc", "repro", "--dry", "--force", f"stages/{pipeline}/dvc.yaml"], ROOT)
     return re.findall(r"Running stage '[^']*:([a-z0-9-]+)'", r.stdout)
 
 

@@ -2,38 +2,22 @@
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from workspace import init_repo, run
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _run(args, cwd, check=True):
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    r = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    return r
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     d = tmp_path_factory.mktemp("repo")
     shutil.copytree(ROOT / "sferd", d / "sferd", ignore=shutil.ignore_patterns("__pycache__"))
     (d / "specs").mkdir()
     shutil.copy(ROOT / "tests/specs/tiny.yaml", d / "specs/tiny.yaml")
-    _run(["git", "init", "-q"], d)
-    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], d)
-    _run(["dvc", "init", "-q"], d)
-    _run(["dvc", "config", "core.analytics", "false"], d)
-    _run(["sferd-spec", "compile", "specs/tiny.yaml"], d)
-    r = _run(["dvc", "repro"], d)
+    init_repo(d)
+    run(["sferd-spec", "compile", "specs/tiny.yaml"], d)
+    r = run(["dvc", "repro"], d)
     return d, r
 
 
@@ -61,7 +45,7 @@ def test_repro_produces_table_and_metrics(repo):
     assert len((d / "results/tables/tiny-fid.csv").read_text().splitlines()) == 1 + 7 - 2  # model cells only
     grids = sorted(p.name for p in (d / "results/tables/tiny-samples").iterdir())
     assert "digits-sferd-s0001-fid.png" in grids and "digits-noise-fid.png" not in grids and len(grids) == 6
-    plots = _run(["dvc", "plots", "show", "--json"], d).stdout
+    plots = run(["dvc", "plots", "show", "--json"], d).stdout
     assert "tiny-fid.csv" in plots and "steps" in plots
 
 
@@ -89,7 +73,7 @@ def test_sferd_stages_record_costs_and_statistics(repo):
 
 def test_second_repro_is_noop(repo):
     d, _ = repo
-    r = _run(["dvc", "repro"], d)
+    r = run(["dvc", "repro"], d)
     assert "Running stage" not in r.stdout, r.stdout
 
 
@@ -99,10 +83,10 @@ def test_pd_change_reruns_only_pd_stages(repo):
     text = spec.read_text()
     spec.write_text(text.replace("lr: 1.0e-4", "lr: 2.0e-4"))
     try:
-        _run(["sferd-spec", "compile", "specs/tiny.yaml"], d)
-        status = _run(["dvc", "status", "--json"], d).stdout
+        run(["sferd-spec", "compile", "specs/tiny.yaml"], d)
+        status = run(["dvc", "status", "--json"], d).stdout
         changed = set(json.loads(status))
         assert changed == {"dvc.yaml:digits-pd-s0002", "dvc.yaml:digits-pd-s0001"} or changed == {"digits-pd-s0002", "digits-pd-s0001"}, changed
     finally:
         spec.write_text(text)
-        _run(["sferd-spec", "compile", "specs/tiny.yaml"], d)
+        run(["sferd-spec", "compile", "specs/tiny.yaml"], d)

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from fakes import write_metrics
+
 from sferd.metrics import keys
 from sferd.nn.digits_cnn import DigitsCNN, load_digits_cnn, save_digits_cnn, to_model_input
 from sferd.pipeline.graph import build_graph
@@ -400,22 +402,15 @@ def test_fid_stage_refuses_a_reference_set_other_than_the_statistics_one(stage_d
 TABLE = {"id": "t", "title": "T"}
 
 
-def _write(root: Path, name: str, **metrics) -> str:
-    rel = f"results/metrics/{name}.json"
-    (root / rel).parent.mkdir(parents=True, exist_ok=True)
-    (root / rel).write_text(json.dumps({"num_samples": 10, "seeds": "0-9", **metrics}))
-    return rel
-
-
 def _rows(root: Path) -> list[dict]:
     full = {"isc": 4.5, "isc_std": 0.1, "isc_splits": 10, "isc_shuffle_seed": 2020, "precision": 0.75,
             "recall": 0.5, "prc_neighborhood": 3, "prc_num_real": 1437}
     return [
-        {"row": "pd", "label": "PD", "steps": 1, "seed": 0, "metrics": _write(root, "pd1", fid=3.0, **full)},
-        {"row": "pd", "label": "PD", "steps": 2, "seed": 0, "metrics": _write(root, "pd2", fid=2.0)},  # before the option
+        {"row": "pd", "label": "PD", "steps": 1, "seed": 0, "metrics": write_metrics(root, "pd1", fid=3.0, **full)},
+        {"row": "pd", "label": "PD", "steps": 2, "seed": 0, "metrics": write_metrics(root, "pd2", fid=2.0)},  # before the option
         {"row": "pd", "label": "PD", "steps": 4, "seed": 0, "metrics": "results/metrics/absent.json"},
         {"row": "heldout", "label": "Held-out", "steps": None, "seed": None,
-         "metrics": _write(root, "held", fid=0.1, **{**full, "isc": 9.25, "precision": 0.875})},
+         "metrics": write_metrics(root, "held", fid=0.1, **{**full, "isc": 9.25, "precision": 0.875})},
     ]
 
 

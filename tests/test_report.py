@@ -3,10 +3,11 @@ and the spec's `seeds` field expanding every chain (not the teacher) per seed.""
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 from pathlib import Path
+
+from fakes import write_metrics
 
 from sferd.pipeline.graph import build_graph
 from sferd.report.table import render_markdown, table_context
@@ -16,21 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TABLE = {"id": "t", "title": "T"}
 
 
-def _write(root: Path, name: str, **metrics) -> str:
-    rel = f"results/metrics/{name}.json"
-    (root / rel).parent.mkdir(parents=True, exist_ok=True)
-    (root / rel).write_text(json.dumps({"num_samples": 10, "seeds": "0-9", **metrics}))
-    return rel
-
-
 def _row(row, steps, seed, metrics):
     return {"row": row, "label": row.upper(), "steps": steps, "seed": seed, "metrics": metrics}
 
 
 def test_seeds_average_into_one_cell_with_sample_std(tmp_path):
     fids = [3.0, 4.0, 8.0]
-    rows = [_row("pd", 1, s, _write(tmp_path, f"pd-{s}", fid=f, nfe=1)) for s, f in enumerate(fids)]
-    rows.append(_row("pd", 2, 0, _write(tmp_path, "pd2", fid=1.5, nfe=2)))
+    rows = [_row("pd", 1, s, write_metrics(tmp_path, f"pd-{s}", fid=f, nfe=1)) for s, f in enumerate(fids)]
+    rows.append(_row("pd", 2, 0, write_metrics(tmp_path, "pd2", fid=1.5, nfe=2)))
     text = render_markdown(table_context("spec.yaml", TABLE, rows, [], root=tmp_path))
     mean, std = statistics.mean(fids), statistics.stdev(fids)
     assert f"| PD | {mean:.2f} ± {std:.2f} (n=3) | 1.50 |" in text
@@ -39,7 +33,7 @@ def test_seeds_average_into_one_cell_with_sample_std(tmp_path):
 
 
 def test_a_missing_seed_marks_the_cell_instead_of_averaging_the_rest(tmp_path):
-    rows = [_row("pd", 1, 0, _write(tmp_path, "a", fid=3.0, nfe=1)), _row("pd", 1, 1, "results/metrics/absent.json")]
+    rows = [_row("pd", 1, 0, write_metrics(tmp_path, "a", fid=3.0, nfe=1)), _row("pd", 1, 1, "results/metrics/absent.json")]
     ctx = table_context("spec.yaml", TABLE, rows, [], root=tmp_path)
     text = render_markdown(ctx)
     assert "| PD | missing (1/2 seeds) |" in text
@@ -47,13 +41,13 @@ def test_a_missing_seed_marks_the_cell_instead_of_averaging_the_rest(tmp_path):
 
 
 def test_single_seed_tables_say_nothing_about_seeds(tmp_path):
-    rows = [_row("pd", 1, 0, _write(tmp_path, "a", fid=3.0, nfe=1))]
+    rows = [_row("pd", 1, 0, write_metrics(tmp_path, "a", fid=3.0, nfe=1))]
     text = render_markdown(table_context("spec.yaml", TABLE, rows, [], root=tmp_path))
     assert "| PD | 3.00 |" in text and "standard deviation" not in text
 
 
 def test_sferd_rows_state_their_evaluation_counts(tmp_path):
-    rows = [_row("sferd", k, 0, _write(tmp_path, f"s{k}", fid=2.0, nfe=k, nfe_with_predictor=k + k - (k // 4),
+    rows = [_row("sferd", k, 0, write_metrics(tmp_path, f"s{k}", fid=2.0, nfe=k, nfe_with_predictor=k + k - (k // 4),
                                        latent_prior_steps=100)) for k in (1, 4)]
     text = render_markdown(table_context("spec.yaml", TABLE, rows, [], root=tmp_path))
     assert "SFERD: evaluations including the predictor branch by steps 1 → 2, 4 → 7; plus 100 latent-prior" in text
@@ -118,9 +112,9 @@ def test_fid_series_averages_seeds_and_drops_missing(tmp_path):
     from sferd.report.figures import fid_series
     from sferd.report.table import gather
 
-    rows = [_row("pd", 1, s, _write(tmp_path, f"p{s}", fid=f, nfe=1)) for s, f in [(0, 2.0), (1, 4.0)]]
+    rows = [_row("pd", 1, s, write_metrics(tmp_path, f"p{s}", fid=f, nfe=1)) for s, f in [(0, 2.0), (1, 4.0)]]
     rows.append(_row("pd", 2, 0, "results/metrics/absent.json"))
-    rows.append({"row": "heldout", "label": "Held-out", "steps": None, "metrics": _write(tmp_path, "h", fid=0.1)})
+    rows.append({"row": "heldout", "label": "Held-out", "steps": None, "metrics": write_metrics(tmp_path, "h", fid=0.1)})
     series = fid_series(gather(rows, root=tmp_path))
     assert series.to_dict("records") == [{"model": "PD", "steps": 1, "fid": 3.0, "n": 2}]
 
@@ -141,7 +135,7 @@ def test_plot_and_grid_files_are_written(tmp_path):
 
 
 def test_reported_vs_reproduced_lines(tmp_path):
-    rows = [_row("pd", 1, s, _write(tmp_path, f"pd1-{s}", fid=f, nfe=1)) for s, f in [(0, 9.0), (1, 11.0)]]
+    rows = [_row("pd", 1, s, write_metrics(tmp_path, f"pd1-{s}", fid=f, nfe=1)) for s, f in [(0, 9.0), (1, 11.0)]]
     rows.append(_row("pd", 2, 0, "results/metrics/absent.json"))
     reported = [
         {"system": "PD (paper)", "method": "pd", "source": "Paper, Table 2", "values": {1: 9.12, 2: 4.51, 4: 3.0}},

@@ -6,27 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from fakes import write_fake_cifar10
+from workspace import init_repo, run
 from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 PER_BATCH = 16  # 5 training batches → 80 training images; 16 test images
-
-
-def _run(args, cwd):
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    r = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +24,9 @@ def smoke(tmp_path_factory):
     shutil.copytree(ROOT / "sferd", d / "sferd", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "specs", d / "specs")
     write_fake_cifar10(d / "data/cifar10", per_batch=PER_BATCH)  # table1's data_dir
-    _run(["git", "init", "-q"], d)
-    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], d)
-    _run(["dvc", "init", "-q"], d)
-    _run(["dvc", "config", "core.analytics", "false"], d)
-    _run(["sferd-spec", "compile", "specs/table1.yaml", "--scale", "smoke"], d)
-    repro = _run(["dvc", "repro", "stages/table1-smoke/dvc.yaml"], d)
+    init_repo(d)
+    run(["sferd-spec", "compile", "specs/table1.yaml", "--scale", "smoke"], d)
+    repro = run(["dvc", "repro", "stages/table1-smoke/dvc.yaml"], d)
     return d, repro
 
 
@@ -71,5 +57,5 @@ def test_smoke_scale_runs_the_whole_table1_pipeline_to_a_rendered_table(smoke):
 
 def test_smoke_run_is_up_to_date_afterwards(smoke):
     d, _ = smoke
-    status = _run(["dvc", "status", "stages/table1-smoke/dvc.yaml"], d).stdout
+    status = run(["dvc", "status", "stages/table1-smoke/dvc.yaml"], d).stdout
     assert "up to date" in status, status

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from sferd.spec.checks import check_spec
-from sferd.spec.extends import read_spec_layers
+from sferd.spec.extends import SpecLayers, read_spec_layers
 from sferd.spec.loader import SpecError, validate_document
 from sferd.spec.models import ScalesBlock, Spec
 from sferd.spec.scale import apply_scale, override_for
@@ -23,21 +24,32 @@ def load_spec(path: str | Path, *, display_path: str | None = None, scale: str |
     plain = layers.plain()
     if "scale" in layers.doc:
         raise SpecError([layers.issue(("scale",), "`scale` is set by `--scale NAME` on the command line, not in a spec")])
-    relocate = lambda loc: loc  # noqa: E731
+    relocate = _no_relocation
     if scale is not None:
-        # the profile itself first: applying a malformed one would fail with a traceback, not a located error
-        validate_document({"scales": plain.get("scales") or {}}, ScalesBlock, where=layers.where)
-        plain, written, bad = apply_scale(plain, scale)
-        if bad:
-            raise SpecError(layers.issue(("scales", scale, "set", key) if key else ("scales",), f"scale {scale!r}: {msg}")
-                            for key, msg in bad)
-
-        def relocate(loc: tuple) -> tuple:  # a value the profile wrote is located at its `set:` entry
-            key = override_for(plain, loc, written)
-            return loc if key is None else ("scales", scale, "set", key)
-
+        plain, relocate = _at_scale(layers, plain, scale)
     spec = validate_document(plain, Spec, where=lambda loc: layers.where(relocate(loc)))
     problems = check_spec(spec)
     if problems:
         raise SpecError(layers.issue(relocate(loc), msg) for loc, msg in problems)
     return spec
+
+
+def _no_relocation(loc: tuple) -> tuple:
+    return loc
+
+
+def _at_scale(layers: SpecLayers, plain: dict, scale: str) -> tuple[dict, Callable[[tuple], tuple]]:
+    """The plain spec with profile `scale` applied, and the loc mapping that points an error in a value the profile
+    wrote at its `set:` entry."""
+    # the profile itself first: applying a malformed one would fail with a traceback, not a located error
+    validate_document({"scales": plain.get("scales") or {}}, ScalesBlock, where=layers.where)
+    scaled, written, bad = apply_scale(plain, scale)
+    if bad:
+        raise SpecError(layers.issue(("scales", scale, "set", key) if key else ("scales",), f"scale {scale!r}: {msg}")
+                        for key, msg in bad)
+
+    def relocate(loc: tuple) -> tuple:
+        key = override_for(scaled, loc, written)
+        return loc if key is None else ("scales", scale, "set", key)
+
+    return scaled, relocate

@@ -246,8 +246,8 @@ def to_plain(node: Any, _memo: dict[int, Any] | None = None) -> Any:
 # ------------------------------------------------------------------------------------------ locating
 
 
-def _walk(doc: Any, loc: Loc) -> tuple[list[tuple[Any, Any]], list[bool], bool]:
-    """Follow `loc` through the document.
+def walk(doc: Any, loc: Loc) -> tuple[list[tuple[Any, Any]], list[bool], bool]:
+    """Follow `loc` through the document (round-trip or plain: mappings and lists of either kind).
 
     Returns the steps taken as (container, key-or-index) pairs, which loc parts matched, and whether
     the loc asked for a mapping *key* (Pydantic's `[key]` marker after a dict-key error). Parts that are
@@ -264,7 +264,7 @@ def _walk(doc: Any, loc: Loc) -> tuple[list[tuple[Any, Any]], list[bool], bool]:
         if part == "[key]" and steps:
             at_key = True
             continue
-        if isinstance(node, CommentedMap):
+        if isinstance(node, Mapping):
             try:
                 found = part in node
             except TypeError:  # unhashable part
@@ -274,7 +274,7 @@ def _walk(doc: Any, loc: Loc) -> tuple[list[tuple[Any, Any]], list[bool], bool]:
                 matched[-1] = True
                 node = node[part]
                 continue
-        elif isinstance(node, CommentedSeq) and isinstance(part, int) and not isinstance(part, bool):
+        elif isinstance(node, list) and isinstance(part, int) and not isinstance(part, bool):
             if 0 <= part < len(node):
                 steps.append((node, part))
                 matched[-1] = True
@@ -313,7 +313,7 @@ def _first_key(node: CommentedMap) -> tuple[int, int] | None:
 
 def _resolve(doc: Any, loc: Loc, kind: str) -> tuple[int, int, list[bool]]:
     """1-based (line, col) for an error of `kind` at `loc`, plus which loc parts exist in the document."""
-    steps, matched, at_key = _walk(doc, loc)
+    steps, matched, at_key = walk(doc, loc)
     node = steps[-1][0][steps[-1][1]] if steps else doc
 
     pos: tuple[int, int] | None = None
@@ -386,7 +386,7 @@ def _issue_from_error(doc: Any, shown: str, err: Mapping[str, Any]) -> SpecIssue
         # Pydantic reports these at the list item; the user has to fix the discriminator field itself,
         # so name it: a bad value points at the value, an absent one is reported like a missing field.
         field = _discriminator_field(err)
-        steps, _, _ = _walk(doc, loc)
+        steps, _, _ = walk(doc, loc)
         node = steps[-1][0][steps[-1][1]] if steps else doc
         if field is not None and isinstance(node, CommentedMap):
             if kind == "union_tag_invalid" and field in node:
@@ -399,7 +399,7 @@ def _issue_from_error(doc: Any, shown: str, err: Mapping[str, Any]) -> SpecIssue
     shown_loc = [
         part for i, part in enumerate(loc)
         if matched[i]
-        # The missing field is not in the document, so _walk skipped it; it is the point of the message.
+        # The missing field is not in the document, so walk skipped it; it is the point of the message.
         or (i == last and kind == "missing")
         # Keep Pydantic's marker: "updates_override.a.[key]" says the key, not its value, is wrong.
         or (i == last and part == "[key]")

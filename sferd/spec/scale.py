@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from sferd.spec.loader import walk
+
 PathPart = str | int
 
 # Top-level fields a profile may not set: the spec's identity, and the machinery that selects the profile itself.
@@ -96,16 +98,8 @@ def override_for(plain: Any, loc: tuple, written: dict[tuple, str]) -> str | Non
 
     Pydantic locs carry labels that are not in the document (a discriminated union's tag: `methods.0.pd.lr`), so
     the loc is first reduced to the parts that exist in the scaled document."""
-    concrete: list[PathPart] = []
-    node = plain
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
-        else:
-            continue
-        concrete.append(part)
+    steps, _, _ = walk(plain, loc)
+    concrete = [key for _, key in steps]
     for k in range(len(concrete), 0, -1):
         if tuple(concrete[:k]) in written:
             return written[tuple(concrete[:k])]
