@@ -262,7 +262,7 @@ def compile_(
         if check:
             sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), text.splitlines(True), f"a/{rel}", f"b/{rel}"))
         else:
-            from sferd.pipeline.artifacts import atomic_write_text
+            from sferd.util.artifacts import atomic_write_text
 
             atomic_write_text(p, text)
             print(f"wrote {rel}")
@@ -382,7 +382,7 @@ def render(
     if output is None:
         sys.stdout.write(text)
     else:
-        from sferd.pipeline.artifacts import atomic_write_text
+        from sferd.util.artifacts import atomic_write_text
 
         atomic_write_text(output, text)
         print(f"wrote {output}")
@@ -438,7 +438,7 @@ def index(
             raise typer.Exit(1)
         print(f"{INDEX_PATH} is up to date")
         return
-    from sferd.pipeline.artifacts import atomic_write_text
+    from sferd.util.artifacts import atomic_write_text
 
     atomic_write_text(INDEX_PATH, text)
     print(f"wrote {INDEX_PATH}")

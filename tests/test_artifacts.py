@@ -7,7 +7,7 @@ import hashlib
 
 import torch
 
-from sferd.pipeline.artifacts import torch_load, torch_save
+from sferd.util.artifacts import torch_load, torch_save
 
 
 def test_equal_objects_give_identical_files(tmp_path):

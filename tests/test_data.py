@@ -13,7 +13,7 @@ from fakes import write_fake_cifar10, write_fake_imagenet64
 
 from sferd.data.cifar10 import load_cifar10
 from sferd.data.imagenet64 import load_imagenet64
-from sferd.pipeline.errors import StageError
+from sferd.util.errors import StageError
 from sferd.pipeline.run import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -357,7 +357,7 @@ def _stage_params(tmp_path: Path, weights: str, extra: dict | None) -> dict:
 
 @pytest.fixture
 def stage_dir(tmp_path, monkeypatch, sets):
-    from sferd.pipeline.artifacts import write_npz
+    from sferd.util.artifacts import write_npz
 
     monkeypatch.chdir(tmp_path)
     real, fake = sets
@@ -385,8 +385,8 @@ def test_fid_stage_records_extra_metrics_and_their_settings(stage_dir, weights):
 
 
 def test_fid_stage_refuses_a_reference_set_other_than_the_statistics_one(stage_dir, weights):
-    from sferd.pipeline.artifacts import write_npz
-    from sferd.pipeline.errors import StageError
+    from sferd.util.artifacts import write_npz
+    from sferd.util.errors import StageError
     from sferd.pipeline.stages import fid
 
     params = _stage_params(stage_dir, weights, {"prc": {"neighborhood": 3}})

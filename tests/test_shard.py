@@ -19,7 +19,7 @@ import torch
 
 from sferd.nn.build import build_unet
 from sferd.pipeline.distributed import Launch, launch, merge_shards, shard_slices
-from sferd.pipeline.errors import StageError
+from sferd.util.errors import StageError
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # torchrun's workers run with OMP_NUM_THREADS=1 too
 
@@ -157,7 +157,7 @@ def _stage_inputs(d: Path) -> dict:
     """Training split, random digits-CNN weights and the reference-statistics stage run here: what an FID
     stage reads besides its model."""
     from sferd.nn.digits_cnn import DigitsCNN, save_digits_cnn
-    from sferd.pipeline.artifacts import write_npz
+    from sferd.util.artifacts import write_npz
     from sferd.pipeline.run import main
 
     rng = np.random.default_rng(0)

@@ -38,7 +38,7 @@ def _distill_params(ckpt, teacher_model):
 def _data(tmp_path):
     import numpy as np
 
-    from sferd.pipeline.artifacts import write_npz
+    from sferd.util.artifacts import write_npz
 
     write_npz(tmp_path / "results/digits-data/train.npz", images=np.zeros((8, 8, 8, 1), np.uint8), labels=np.zeros(8, np.int64))
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sferd.methods.training import EMA, linear_to_zero, train_loop, warmup_constant
-from sferd.pipeline.errors import StageError
+from sferd.util.errors import StageError
 
 
 class Killed(Exception):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sferd.pipeline.errors import StageError
+from sferd.util.errors import StageError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 FOLDER = "cifar-10-batches-py"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sferd.pipeline.errors import StageError
+from sferd.util.errors import StageError
 
 
 def load_digits_uint8(resolution: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sferd.pipeline.errors import StageError
+from sferd.util.errors import StageError
 
 SITE = "https://image-net.org/download-images.php (Downsampled ImageNet 64x64, npz format)"
 TRAIN_FILES = tuple(f"train_data_batch_{k}.npz" for k in range(1, 11))

@@ -16,8 +16,9 @@ from typing import Callable
 
 import torch
 
-from sferd.pipeline.artifacts import torch_load, torch_save
-from sferd.pipeline.errors import StageError
+from sferd.util.artifacts import torch_load, torch_save
+from sferd.util.errors import StageError
+from sferd.util.progress import Progress
 
 
 def seed_everything(seed: int) -> None:
@@ -47,39 +48,6 @@ def warmup_constant(warmup: int) -> Callable[[int], float]:
 def linear_to_zero(total: int) -> Callable[[int], float]:
     """PD's per-halving schedule: lr decays linearly from its peak to 0 over the halving."""
     return lambda step: max(0.0, 1.0 - step / total)
-
-
-class Progress:
-    """A rich progress bar with ETA on a terminal; on a log (not a TTY) one line every 10 %."""
-
-    def __init__(self, label: str, total: int, start: int = 0):
-        self.label, self.total, self.done = label, total, start
-        self.tty = sys.stderr.isatty()
-        self.t0 = time.monotonic()
-        self.start = start
-        self._next_report = start + max(1, total // 10)
-        self._bar = None
-        if self.tty:
-            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
-
-            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True)
-            self._bar.start()
-            self._task = self._bar.add_task(label, total=total, completed=start, info="")
-
-    def update(self, n: int = 1, info: str = "") -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(self._task, advance=n, info=info)
-        elif self.done >= self._next_report or self.done == self.total:
-            rate = (self.done - self.start) / max(time.monotonic() - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            print(f"{self.label}: {self.done}/{self.total} {info} eta {eta:.0f}s", file=sys.stderr, flush=True)
-            self._next_report = self.done + max(1, self.total // 10)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
 
 
 def train_loop(

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sferd.pipeline.artifacts import torch_save
+from sferd.util.artifacts import torch_save
 
 NUM_CLASSES = 10
 CONFIG_KEYS = ("resolution", "feature_dim", "width")

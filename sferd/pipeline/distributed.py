@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from sferd.pipeline.errors import StageError
+from sferd.util.errors import StageError
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from sferd.pipeline.errors import StageError
+from sferd.util.errors import StageError
 
 
 def load_params(params_file: str, stage: str) -> dict:

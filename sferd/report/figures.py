@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sferd.pipeline.artifacts import atomic_write_bytes, atomic_write_text
+from sferd.util.artifacts import atomic_write_bytes, atomic_write_text
 
 GRID_SIDE = 8  # 8 × 8 = the first 64 samples (seeds sample_seed_start … +63)
 MIN_GRID_PIXELS = 256  # small images are upscaled (nearest) so a grid is readable

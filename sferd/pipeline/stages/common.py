@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import sferd
-from sferd.pipeline.artifacts import check_model_config, producer_of, torch_load
+from sferd.util.artifacts import check_model_config, producer_of, torch_load
 
 
 def checkpoint_payload(model, params: dict[str, Any], *, weights: str) -> dict[str, Any]:

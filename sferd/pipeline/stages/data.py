@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sferd.pipeline.artifacts import fresh_dir, write_json, write_npz
-from sferd.pipeline.errors import StageError
+from sferd.util.artifacts import fresh_dir, write_json, write_npz
+from sferd.util.errors import StageError
 
 
 def run(name: str, params: dict) -> None:

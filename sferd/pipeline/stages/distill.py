@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sferd.pipeline.artifacts import read_npz, torch_save, write_json
+from sferd.util.artifacts import read_npz, torch_save, write_json
 from sferd.pipeline.stages.common import checkpoint_payload, load_model, training_labels
 
 

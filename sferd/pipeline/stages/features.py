@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sferd.pipeline.artifacts import fresh_dir, read_npz, write_json
+from sferd.util.artifacts import fresh_dir, read_npz, write_json
 
 
 def run(name: str, params: dict) -> None:
@@ -19,7 +19,8 @@ def run(name: str, params: dict) -> None:
     import torch.nn.functional as F
 
     from sferd.data.arrays import BatchSampler, to_model_range
-    from sferd.methods.training import Progress, seed_everything
+    from sferd.util.progress import Progress
+    from sferd.methods.training import seed_everything
     from sferd.metrics.extractor import save_digits_cnn
     from sferd.nn.digits_cnn import DigitsCNN
 

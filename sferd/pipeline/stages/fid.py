@@ -16,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 
 from sferd.metrics import keys
-from sferd.pipeline.artifacts import fresh_dir, read_npz, sha256_file, write_json, write_npz
+from sferd.util.artifacts import fresh_dir, read_npz, sha256_file, write_json, write_npz
 from sferd.pipeline.distributed import Launch, gather_to_main, launch, merge_shards, process_group, shard_slices
-from sferd.pipeline.errors import StageError
+from sferd.util.errors import StageError
 from sferd.pipeline.stages.common import load_model
 
 
@@ -76,7 +76,7 @@ def _sample_shard(params: dict, seeds: np.ndarray, label: str, make_sampler, pro
 
     from sferd.diffusion.denoiser import NetworkDenoiser
     from sferd.diffusion.sampler import ddim_sample, per_sample_noise, to_uint8
-    from sferd.methods.training import Progress
+    from sferd.util.progress import Progress
 
     src = params["source"]
     model_cfg = src["model"]

@@ -8,8 +8,8 @@ the predictor branch) and `latent_prior_steps` to the usual FID record.
 from __future__ import annotations
 
 from sferd.metrics import keys
-from sferd.pipeline.artifacts import torch_load
-from sferd.pipeline.errors import StageError
+from sferd.util.artifacts import torch_load
+from sferd.util.errors import StageError
 from sferd.pipeline.stages import fid
 
 

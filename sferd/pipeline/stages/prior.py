@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sferd.pipeline.artifacts import read_npz, torch_load, torch_save, write_json
-from sferd.pipeline.errors import StageError
+from sferd.util.artifacts import read_npz, torch_load, torch_save, write_json
+from sferd.util.errors import StageError
 
 
 def run(name: str, params: dict) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from sferd.metrics import keys
-from sferd.pipeline.artifacts import atomic_write_bytes, fresh_dir, read_npz, sha256_file, write_json
-from sferd.pipeline.errors import StageError
+from sferd.util.artifacts import atomic_write_bytes, fresh_dir, read_npz, sha256_file, write_json
+from sferd.util.errors import StageError
 
 
 def run(name: str, params: dict) -> None:

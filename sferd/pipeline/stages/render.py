@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sferd.pipeline.artifacts import atomic_write_text
+from sferd.util.artifacts import atomic_write_text
 
 
 def run(name: str, params: dict) -> None:

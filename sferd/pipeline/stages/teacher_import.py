@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sferd.pipeline.artifacts import fresh_dir, sha256_file, torch_load, torch_save, write_json
-from sferd.pipeline.errors import StageError
+from sferd.util.artifacts import fresh_dir, sha256_file, torch_load, torch_save, write_json
+from sferd.util.errors import StageError
 from sferd.pipeline.stages.common import checkpoint_payload
 
 

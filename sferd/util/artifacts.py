@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sferd.pipeline.errors import StageError
+from sferd.util.errors import StageError
 
 
 def _tmp_for(path: Path) -> Path:
