@@ -20,7 +20,10 @@ import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: importing typing costs the launcher milliseconds on every stage
+    from typing import Any, Callable, Literal, Mapping
 
 from sferd.util.errors import StageError
 
@@ -113,7 +116,7 @@ def _rdzv_id(v: Any) -> str:
     return v
 
 
-SETTINGS: dict[str, tuple[Callable[[Any], Any], str]] = {
+SETTINGS: "dict[str, tuple[Callable[[Any], Any], str]]" = {
     "nproc_per_node": (_nproc, 'an integer >= 1, or "gpu" (one process per CUDA device, 1 without CUDA)'),
     "nnodes": (_positive, "an integer >= 1"),
     "rdzv_endpoint": (_endpoint, "host:port (port 1-65535), e.g. node0:29400"),
