@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -209,6 +211,16 @@ def open_split(path: str | Path, *, produced_by: str = "") -> ImageSplit:
                          f"to match the images; {_rerun_hint(folder, stage)}")
     labels.flags.writeable = False  # shared by every reader of this split object
     return ImageSplit(folder, images, labels)
+
+
+@contextmanager
+def reading_the_map() -> Iterator[None]:
+    """Silence torch's "NumPy array is not writable" warning while `split.images` is handed to code that makes a
+    tensor of each image (sferd.metrics.fid.NpzImages): that code only reads, and copies every image it returns
+    (permute + contiguous, or the grey→RGB repeat), so the read-only map is never aliased by a returned tensor."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        yield
 
 
 # ------------------------------------------------------------------------------------------------ writing

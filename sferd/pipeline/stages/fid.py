@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from sferd.metrics import keys
-from sferd.data.store import open_split
+from sferd.data.store import open_split, reading_the_map
 from sferd.util.artifacts import fresh_dir, write_json, write_npz
 from sferd.pipeline.distributed import Launch, gather_to_main, launch, merge_shards, process_group, shard_slices
 from sferd.util.errors import StageError
@@ -187,8 +187,9 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
     write_npz(out / "samples.npz", images=images, labels=labels, seeds=seeds)
 
     try:
-        values = measure_samples(images, ref_stats, feature_extractor=extractor, weights_path=weights,
-                                 extra=metric_settings, reference_images=ref_images)
+        with reading_the_map():  # held-out and reference images are the data split's read-only map
+            values = measure_samples(images, ref_stats, feature_extractor=extractor, weights_path=weights,
+                                     extra=metric_settings, reference_images=ref_images)
     except ValueError as e:  # too few images for a metric's setting (a calibration set smaller than planned)
         raise StageError(str(e)) from e
     fid = values[keys.FID]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from sferd.metrics import keys
-from sferd.data.store import open_split
+from sferd.data.store import open_split, reading_the_map
 from sferd.util.artifacts import atomic_write_bytes, fresh_dir, write_json
 from sferd.util.errors import StageError
 
@@ -34,8 +34,9 @@ def run(name: str, params: dict) -> None:
         raise StageError(str(e)) from e
     split = open_split(ref_path)
     ref_sha, w_sha = split.sha256(), file_sha256(weights)
-    stats = reference_statistics(split.images, feature_extractor=extractor, weights_path=weights,
-                                 batch_size=params["batch_size"])
+    with reading_the_map():
+        stats = reference_statistics(split.images, feature_extractor=extractor, weights_path=weights,
+                                     batch_size=params["batch_size"])
     out = fresh_dir(params["outputs"]["dir"])
     buf = io.BytesIO()
     np.savez(buf, mu=stats["mu"], sigma=stats["sigma"], num_images=stats["num_images"])
