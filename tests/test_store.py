@@ -46,6 +46,9 @@ def test_write_then_open_round_trips_images_and_labels(tmp_path):
     # plain .npy files: anything that reads numpy reads them
     np.testing.assert_array_equal(np.load(tmp_path / "train" / IMAGES), x)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]  # no temporary sibling left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "train").stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir would make it, not private
 
 
 def test_grey_and_empty_splits(tmp_path):
@@ -189,6 +192,7 @@ def test_missing_split_names_the_stage_to_run(tmp_path, monkeypatch):
     (np.zeros((3, 64), np.uint8), np.zeros(3, np.int64), "N×H×W×C"),
     (np.zeros((3, 8, 8, 3), np.uint8), np.zeros(2, np.int64), r"labels\.npy is int64 \(2,\)"),
     (np.zeros((3, 8, 8, 3), np.uint8), np.zeros(3, np.int32), "int32"),
+    (np.asfortranarray(np.zeros((3, 8, 8, 3), np.uint8)), np.zeros(3, np.int64), "row-major"),
 ])
 def test_malformed_splits_are_refused_naming_the_stage(tmp_path, monkeypatch, images, labels, match):
     monkeypatch.chdir(tmp_path)

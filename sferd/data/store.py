@@ -204,8 +204,9 @@ def open_split(path: str | Path, *, produced_by: str = "") -> ImageSplit:
     if images.dtype != np.uint8 or len(shape) != 4 or shape[1] != shape[2] or shape[3] not in (1, 3):
         raise StageError(f"{folder / IMAGES} is {images.dtype} {shape}, expected uint8 N×H×W×C with H = W and "
                          f"C in (1, 3); {_rerun_hint(folder, stage)}")
-    if not isinstance(images, np.memmap):  # np.load returns an in-memory array for some inputs (object arrays, …)
-        raise StageError(f"{folder / IMAGES} cannot be memory-mapped; {_rerun_hint(folder, stage)}")
+    if not isinstance(images, np.memmap) or not images.flags.c_contiguous:
+        # gather reads rows as byte ranges of the file: that needs a row-major (C-order) .npy, as write_split writes
+        raise StageError(f"{folder / IMAGES} is not a row-major .npy file; {_rerun_hint(folder, stage)}")
     if labels.dtype != np.int64 or labels.shape != (images.shape[0],):
         raise StageError(f"{folder / LABELS} is {labels.dtype} {labels.shape}, expected int64 ({images.shape[0]},) "
                          f"to match the images; {_rerun_hint(folder, stage)}")

@@ -75,21 +75,6 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_npy(path: str | Path, array: np.ndarray) -> None:
-    """One array as a .npy file (readable with `np.load(..., mmap_mode="r")`), fsynced, then renamed into place."""
-    path = Path(path)
-    tmp = _tmp_for(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a folder in a temporary sibling; when the block ends normally its files are fsynced and it is renamed
@@ -98,6 +83,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the finished folder private to its writer
     done = False
     try:
         yield tmp
