@@ -21,6 +21,13 @@ Reading (`open_split`) checks shapes and dtypes and returns an `ImageSplit`:
   the batch out of the page cache (still one copy per node) and leaves the process holding the batch only.
 - `to_model_range(split.gather(idx), device)` (sferd.data.arrays) then turns the uint8 batch into float on the device.
 
+A training loop, for instance:
+
+    split = open_split(params["inputs"]["train"])          # results/<ds>-data/train
+    idx = rng.integers(0, len(split), batch_size)           # rng drawn per global sample, not per rank
+    x = to_model_range(split.gather(idx), device)           # N×C×H×W float32 in [-1, 1], on the device
+    y = torch.from_numpy(split.labels[idx]).to(device)      # int64 classes
+
 An `ImageSplit` pickles as its path and reopens on the other side (DataLoader workers under spawn), so the map is never
 serialised as an array.
 """
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,7 +51,7 @@ from sferd.util.progress import Progress
 
 IMAGES = "images.npy"
 LABELS = "labels.npy"
-# rows per block written through one map: bounds the writer's memory (64 MiB) whatever the split's size
+# bytes written through one map: bounds the writer's memory (64 MiB) whatever the split's size
 WRITE_BLOCK_BYTES = 64 << 20
 
 
@@ -63,6 +71,7 @@ class ImageSplit:
         self._row_bytes = int(np.prod(images.shape[1:]))
         self._data_offset = int(images.offset)  # where row 0 starts in images.npy (after the .npy header)
         self._fd: int | None = None
+        self._lock = threading.Lock()
         self._sha256: str | None = None
 
     # ---- shape
@@ -133,7 +142,9 @@ class ImageSplit:
 
     def _file(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path / IMAGES, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            with self._lock:  # two loader threads on a fresh split must not open (and leak) two descriptors
+                if self._fd is None:
+                    self._fd = os.open(self.path / IMAGES, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         return self._fd
 
     # ---- provenance
@@ -172,9 +183,10 @@ class ImageSplit:
         return {"path": str(self.path)}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(open_split(state["path"]).__dict__)
-        # the source object owns the descriptor it opened; this copy opens its own on first use
-        self._fd = None
+        # reopened here (headers checked again); the descriptor is this copy's own, opened on first use
+        fresh = open_split(state["path"])
+        self.__dict__.update(fresh.__dict__)
+        fresh._fd = None
 
 
 def open_split(path: str | Path, *, produced_by: str = "") -> ImageSplit:
