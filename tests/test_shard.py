@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sferd.nn.build import build_unet
-from sferd.pipeline.distributed import Launch, launch, merge_shards, shard_slices
+from sferd.util.distributed import Launch, launch, merge_shards, shard_slices
 from sferd.util.errors import StageError
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # torchrun's workers run with OMP_NUM_THREADS=1 too

@@ -5,7 +5,7 @@ floor; Gaussian noise images: the ceiling). Samples are saved as one .npz (uint8
 so FID can be recomputed with another implementation without resampling. Sample k uses seed
 `sample_seed_start + k` for its noise and class, so the set does not depend on batch size or sharding.
 Under torchrun each rank samples whole batches of the one-process batch list and rank 0 gathers them
-(sferd/pipeline/distributed.py): samples.npz is the same bytes for any number of processes.
+(sferd/util/distributed.py): samples.npz is the same bytes for any number of processes.
 The metrics file records which FID, on what, with which seeds — the number is meaningless without it.
 When the spec asks for them, the same stage adds the Inception Score and precision/recall (torch-fidelity's
 implementations, same extractor) and the settings they were computed with.
@@ -18,7 +18,7 @@ import numpy as np
 from sferd.metrics import keys
 from sferd.data.store import open_split, reading_the_map
 from sferd.util.artifacts import fresh_dir, write_json, write_npz
-from sferd.pipeline.distributed import Launch, gather_to_main, launch, merge_shards, process_group, shard_slices
+from sferd.util.distributed import Launch, gather_to_main, launch, merge_shards, process_group, shard_slices
 from sferd.util.errors import StageError
 from sferd.pipeline.stages.common import load_model
 
@@ -148,7 +148,7 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
     sampler; `extra_metrics(params)` adds method-specific cost keys. The spec's extra metrics (IS, precision/recall)
     arrive as `params["extra_metrics"]`, absent when only FID is measured.
 
-    Under torchrun (sferd/pipeline/distributed.py) every rank samples its share of a model's seeds; rank 0
+    Under torchrun (sferd/util/distributed.py) every rank samples its share of a model's seeds; rank 0
     alone checks the FID inputs, touches the outputs and measures. If its checks fail it exits before joining
     the process group, and torchrun stops the ranks waiting there: nothing is sampled in vain.
     """
