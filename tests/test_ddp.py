@@ -83,3 +83,35 @@ def test_the_halving_differs_from_its_teacher(runs):
     """A sanity check that the distilled student actually trained (the comparison above is not vacuous)."""
     t, s = _weights(runs["one"], "x-teacher"), _weights(runs["one"], "x-pd-s0002")
     assert max(float((t[k] - s[k]).abs().max()) for k in s) > 100 * TOL
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_each_write_the_same_outputs_into_their_own_workspace(runs, tmp_path):
+    """Two 'nodes' on this machine (two torchrun agents, c10d rendezvous, one process each, separate workspaces as
+    two clones would be): the first process of each node writes the stage's outputs, and both nodes hold the same
+    bytes, equal to one process within the tolerance."""
+    port, nodes = _free_port(), [tmp_path / "node0", tmp_path / "node1"]
+    procs = []
+    for d in nodes:
+        workspace(d)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env.pop("SFERD_MICRO_BATCH", None)
+        procs.append(subprocess.Popen(
+            [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+             "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "sferd-test", "-m", "sferd.pipeline.run",
+             "--params", "params.json", "x-teacher"], cwd=d, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    a, b = (d / "results/x-teacher/model.pt" for d in nodes)
+    assert a.read_bytes() == b.read_bytes()
+    one, two = _weights(runs["one"], "x-teacher"), torch.load(a, weights_only=True)["state_dict"]
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) <= TOL

@@ -99,3 +99,13 @@ def test_unknown_stage_and_missing_params(tmp_path, monkeypatch, capsys):
 def test_runner_usage_error_exits_2():
     r = subprocess.run([sys.executable, "-m", "sferd.pipeline.run"], capture_output=True, text=True)
     assert r.returncode == 2
+
+
+def test_unshardable_stage_refuses_several_processes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    params = _params(tmp_path, {"x-data": {"kind": "data", "dataset": {"id": "digits-8x8"}, "outputs": {"dir": "r"}}})
+    assert main(["--params", params, "x-data"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs in one process, but WORLD_SIZE=2" in err[0]
+    assert not (tmp_path / "r").exists()

@@ -196,3 +196,23 @@ def test_lr_schedules():
     assert w(0) == pytest.approx(0.1) and w(9) == 1.0 and w(100) == 1.0
     d = linear_to_zero(100)
     assert d(0) == 1.0 and d(50) == pytest.approx(0.5) and d(100) == 0.0
+
+
+def test_bf16_autocast_trains_with_float32_master_weights(tmp_path):
+    """precision: bf16 runs the forward under bf16 autocast (the result differs from fp32) while the weights, the
+    optimiser state and the EMA stay float32."""
+    p32 = {"seed": 3, "precision": "fp32", "training": {"lr": 1e-2, "checkpoint_every_updates": 10}}
+    p16 = {**p32, "precision": "bf16"}
+    a, _, sa = _run(tmp_path / "fp32", params=p32, updates=6)
+    b, ema, sb = _run(tmp_path / "bf16", params=p16, updates=6)
+    assert all(p.dtype == torch.float32 for p in b.parameters()) and all(
+        p.dtype == torch.float32 for p in ema.model.parameters())
+    assert np.isfinite(sb["loss_mean_recent"]) and not _equal(a, b)
+    # close, though: bf16 keeps ~3 significant digits of each activation
+    worst = max(float((x - y).abs().max()) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert worst < 0.05
+
+
+def test_unknown_precision_is_refused(tmp_path):
+    with pytest.raises(StageError, match="precision 'fp16'"):
+        Session("t", {"precision": "fp16"}, proc=Launch(), runtime=Runtime(), root=tmp_path)

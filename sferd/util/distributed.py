@@ -161,3 +161,25 @@ def merge_shards(shards: list[dict[str, np.ndarray]], n: int) -> dict[str, np.nd
                            f"not each of the {n} samples exactly once")
     keys = [k for k in shards[0] if k != "positions"]
     return {k: np.concatenate([np.asarray(s[k]) for s in shards])[order] for k in keys}
+
+
+def share_with_node_writers(proc: Launch, obj: Any) -> Any:
+    """Rank 0's `obj` on the first process of every node (None on the other ranks); a no-op on one node.
+
+    With several nodes each node runs `dvc repro` in its own clone, so each node's first process must write the
+    same outputs (Launch.is_writer). Only those processes receive the object: a subgroup, so the other ranks of a
+    node do not each hold a copy of, say, 50k gathered samples. Every rank must call this (new_group is collective).
+    """
+    if not proc.multi_node:
+        return obj if proc.is_main else None
+    import torch.distributed as dist
+
+    local_ranks: list[Any] = [None] * proc.world_size
+    dist.all_gather_object(local_ranks, proc.local_rank)
+    writers = [r for r, lr in enumerate(local_ranks) if lr == 0]
+    group = dist.new_group(ranks=writers)
+    if not proc.is_writer:
+        return None
+    box = [obj if proc.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=group, weights_only=True)
+    return box[0]

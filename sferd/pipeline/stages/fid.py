@@ -18,7 +18,8 @@ import numpy as np
 from sferd.metrics import keys
 from sferd.data.store import open_split, reading_the_map
 from sferd.util.artifacts import fresh_dir, write_json, write_npz
-from sferd.util.distributed import Launch, gather_to_main, launch, merge_shards, process_group, shard_slices
+from sferd.util.distributed import (Launch, gather_to_main, launch, merge_shards, process_group, shard_slices,
+                                    share_with_node_writers)
 from sferd.util.errors import StageError
 from sferd.pipeline.stages.common import load_model
 
@@ -67,9 +68,11 @@ def _sample_model(params: dict, seeds: np.ndarray, label: str, make_sampler=None
     with process_group(proc):
         shard = _sample_shard(params, seeds, label, make_sampler, proc)
         shards = gather_to_main(proc, shard)
-    if shards is None:
+        merged = (merge_shards([{k: v.numpy() for k, v in s.items()} for s in shards], len(seeds))
+                  if shards is not None else None)
+        merged = share_with_node_writers(proc, merged)  # several nodes: every node's writer gets the samples
+    if merged is None:
         return None
-    merged = merge_shards([{k: v.numpy() for k, v in s.items()} for s in shards], len(seeds))
     return merged["images"], merged["labels"]
 
 
@@ -149,7 +152,8 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
     arrive as `params["extra_metrics"]`, absent when only FID is measured.
 
     Under torchrun (sferd/util/distributed.py) every rank samples its share of a model's seeds; rank 0
-    alone checks the FID inputs, touches the outputs and measures. If its checks fail it exits before joining
+    alone checks the FID inputs, touches the outputs and measures (with several nodes, the first process of
+    every node does, on the samples rank 0 shares with it, so each node's workspace gets the same outputs). If its checks fail it exits before joining
     the process group, and torchrun stops the ranks waiting there: nothing is sampled in vain.
     """
     src = params["source"]
@@ -159,7 +163,7 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
     seeds = np.arange(start, start + n, dtype=np.int64)
     steps = params["steps"]
     proc = launch()
-    if not proc.is_main:  # sample this rank's share, hand it to rank 0 in the gather, done
+    if not proc.is_writer:  # sample this rank's share, hand it to rank 0 in the gather, done
         if src["kind"] in SAMPLED:
             _sample_model(params, seeds, name, make_sampler, proc)
         return
