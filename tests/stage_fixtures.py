@@ -23,7 +23,7 @@ def stages(updates: int = 6, checkpoint_every: int = 3) -> dict:
         "training": {"updates": updates, "batch_size": 10, "lr": 1e-3, "weight_decay": 0.0, "warmup_updates": 2,
                      "ema_decay": 0.5, "grad_clip_norm": 1.0, "parameterization": "x",
                      "loss_weighting": "truncated_snr", "checkpoint_every_updates": checkpoint_every},
-        "inputs": {"train": "results/digits-data/train.npz"},
+        "inputs": {"train": "results/digits-data/train"},
         "outputs": {"dir": "results/x-teacher", "metrics": "results/metrics/x-teacher.json",
                     "train_log": "results/metrics/x-teacher-train.tsv"},
     }
@@ -33,16 +33,16 @@ def stages(updates: int = 6, checkpoint_every: int = 3) -> dict:
                                         "is_original_teacher": True},
         "model": STUDENT, "parameterization": "x", "loss_weighting": "truncated_snr",
         "training": {"updates": updates, "batch_size": 10, "lr": 1e-3, "grad_clip_norm": 1.0, "checkpoint_every_updates": checkpoint_every},
-        "inputs": {"train": "results/digits-data/train.npz"},
+        "inputs": {"train": "results/digits-data/train"},
         "outputs": {"dir": "results/x-pd-s0002", "metrics": "results/metrics/x-pd-s0002.json"},
     }
     return {"x-teacher": teacher, "x-pd-s0002": distill}
 
 
 def workspace(d: Path, **kw) -> None:
-    from sferd.util.artifacts import write_npz
+    from fakes import write_split_arrays
 
     rng = np.random.default_rng(0)
-    write_npz(d / "results/digits-data/train.npz", images=rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8),
-              labels=rng.integers(0, 3, 40).astype(np.int64))
+    write_split_arrays(d / "results/digits-data/train", rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8),
+                       rng.integers(0, 3, 40).astype(np.int64))
     (d / "params.json").write_text(json.dumps(stages(**kw)))

@@ -160,18 +160,18 @@ def test_sharded_sampling_in_process_equals_one_process(tmp_path, kind):
 def _stage_inputs(d: Path) -> dict:
     """Training split, random digits-CNN weights and the reference-statistics stage run here: what an FID
     stage reads besides its model."""
+    from fakes import write_split_arrays
     from sferd.nn.digits_cnn import DigitsCNN, save_digits_cnn
-    from sferd.util.artifacts import write_npz
     from sferd.pipeline.run import main
 
     rng = np.random.default_rng(0)
-    write_npz(d / "results/data/train.npz", images=rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8),
-              labels=rng.integers(0, 3, 40))
+    write_split_arrays(d / "results/data/train", rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8),
+                       rng.integers(0, 3, 40))
     torch.manual_seed(0)
     net = DigitsCNN(8, feature_dim=8, width=8)
     save_digits_cnn(d / "results/features/model.pt", net, config=net.config)
     common = {"feature_extractor": "digits-cnn", "feature_weights": "results/features/model.pt"}
-    reference = {"name": "train", "path": "results/data/train.npz"}
+    reference = {"name": "train", "path": "results/data/train"}
     (d / "params.json").write_text(json.dumps({"ref": {"kind": "reference", **common, "reference": reference,
                                                        "batch_size": 64, "outputs": {"dir": "results/ref"}}}))
     assert main(["ref"]) == 0

@@ -30,7 +30,7 @@ def _distill_params(ckpt, teacher_model):
         "teacher": {"checkpoint": ckpt, "model": teacher_model, "is_original_teacher": True},
         "model": MODEL, "parameterization": "x", "loss_weighting": "truncated_snr",
         "training": {"updates": 2, "batch_size": 4, "lr": 1e-4, "grad_clip_norm": 1.0, "checkpoint_every_updates": 1},
-        "inputs": {"train": "results/digits-data/train.npz"},
+        "inputs": {"train": "results/digits-data/train"},
         "outputs": {"dir": "results/x-pd-s0002", "metrics": "results/metrics/x-pd-s0002.json"},
     }
 
@@ -38,9 +38,9 @@ def _distill_params(ckpt, teacher_model):
 def _data(tmp_path):
     import numpy as np
 
-    from sferd.util.artifacts import write_npz
+    from fakes import write_split_arrays
 
-    write_npz(tmp_path / "results/digits-data/train.npz", images=np.zeros((8, 8, 8, 1), np.uint8), labels=np.zeros(8, np.int64))
+    write_split_arrays(tmp_path / "results/digits-data/train", np.zeros((8, 8, 8, 1), np.uint8))
 
 
 def test_missing_upstream_checkpoint(tmp_path, monkeypatch, capsys):

@@ -36,24 +36,11 @@ def training_labels(model_cfg: dict[str, Any], data: dict):
     return torch.from_numpy(data["labels"]).long() if model_cfg.get("num_classes") else None
 
 
-class _NpzSplit:
-    """A training split read from the data stage's npz (replaced by the memory-mapped store)."""
-
-    def __init__(self, path: str):
-        from sferd.util.artifacts import read_npz
-
-        data = read_npz(path)
-        self.images, self.labels = data["images"], data["labels"]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def gather(self, idx):
-        return self.images[idx]
-
-
 def open_training_split(path: str):
-    return _NpzSplit(path)
+    """The data stage's memory-mapped split folder (sferd/data/store.py): `gather(idx)`, `labels`, `len()`."""
+    from sferd.data.store import open_split
+
+    return open_split(path)
 
 
 def stage_stream(name: str) -> int:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from sferd.metrics import keys
-from sferd.util.artifacts import fresh_dir, read_npz, sha256_file, write_json, write_npz
+from sferd.data.store import open_split, reading_the_map
+from sferd.util.artifacts import fresh_dir, write_json, write_npz
 from sferd.util.distributed import (Launch, gather_to_main, launch, merge_shards, process_group, shard_slices,
                                     share_with_node_writers)
 from sferd.util.errors import StageError
@@ -42,12 +43,14 @@ def _reference_statistics(reference: dict, weights_sha256: str) -> dict:
 
 def _reference_images(reference: dict, ref_sha256: str) -> np.ndarray:
     """The reference images themselves (precision/recall compare against real-image features, not statistics),
-    checked to be the very file the reference statistics were computed from."""
+    checked to be the very split the reference statistics were computed from: its read-only memory map, read in
+    order by the feature extractor, never copied whole."""
     path = reference["path"]
-    if sha256_file(path) != ref_sha256:
+    split = open_split(path)
+    if split.sha256() != ref_sha256:
         raise StageError(f"{path} is not the reference set the statistics in {reference['stats_dir']} were computed "
                          f"from: re-run the reference-statistics stage")
-    return read_npz(path)["images"]
+    return split.images
 
 
 SAMPLED = ("model", "sferd")  # sources drawn from a model: the part a sharded launch splits across ranks
@@ -178,8 +181,8 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
         images, labels = _sample_model(params, seeds, name, make_sampler, proc)
         nfe = steps
     elif src["kind"] == "heldout":
-        held = read_npz(src["path"])
-        images, labels = held["images"], held["labels"]
+        held = open_split(src["path"])  # a memory map: written to samples.npz and measured without a whole copy
+        images, labels = held.images, held.labels
         seeds = np.full(len(images), -1, dtype=np.int64)  # real images: no sampling seed
         nfe = 0
     else:  # noise
@@ -188,8 +191,9 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
     write_npz(out / "samples.npz", images=images, labels=labels, seeds=seeds)
 
     try:
-        values = measure_samples(images, ref_stats, feature_extractor=extractor, weights_path=weights,
-                                 extra=metric_settings, reference_images=ref_images)
+        with reading_the_map():  # held-out and reference images are the data split's read-only map
+            values = measure_samples(images, ref_stats, feature_extractor=extractor, weights_path=weights,
+                                     extra=metric_settings, reference_images=ref_images)
     except ValueError as e:  # too few images for a metric's setting (a calibration set smaller than planned)
         raise StageError(str(e)) from e
     fid = values[keys.FID]
