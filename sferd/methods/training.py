@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from sferd.data.arrays import to_model_range
 from sferd.methods.checkpoints import CheckpointStore, resume_key
 from sferd.methods.draws import SampleDraws
 from sferd.nn.dropout import sample_keys
@@ -126,7 +127,7 @@ class _Gather(torch.utils.data.Dataset):
         indices = item[0]
         idx, flips = _data_choice(self.seed, indices, len(self.split), self.flip)
         images = torch.from_numpy(np.ascontiguousarray(self.split.gather(idx)))
-        labels = torch.from_numpy(np.asarray(self.split.labels)[idx]).long() if self.conditional else None
+        labels = torch.from_numpy(np.array(self.split.labels[idx])).long() if self.conditional else None
         return images, (torch.from_numpy(flips) if flips is not None else None), labels
 
 
@@ -146,7 +147,7 @@ class ImageSource:
             num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
         )
         for images, flips, labels in loader:
-            x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            x = to_model_range(images, device)
             if flips is not None:
                 m = flips.to(device)[:, None, None, None]
                 x = torch.where(m, x.flip(-1), x)

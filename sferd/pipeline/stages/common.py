@@ -29,13 +29,6 @@ def load_model(path: str, model_cfg: dict[str, Any]):
     return net.eval().requires_grad_(False)
 
 
-def training_labels(model_cfg: dict[str, Any], data: dict):
-    """Class labels for conditional models (D6), None for unconditional ones."""
-    import torch
-
-    return torch.from_numpy(data["labels"]).long() if model_cfg.get("num_classes") else None
-
-
 def open_training_split(path: str):
     """The data stage's memory-mapped split folder (sferd/data/store.py): `gather(idx)`, `labels`, `len()`."""
     from sferd.data.store import open_split

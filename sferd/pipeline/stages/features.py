@@ -13,23 +13,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from sferd.pipeline.stages.common import open_training_split, stage_stream, training_log_path
-from sferd.util.artifacts import fresh_dir, read_npz, write_json
+from sferd.util.artifacts import fresh_dir, write_json
 
 EVAL_BATCH = 512
 
 
-def _accuracy(net, images, labels, device) -> float:
+def _accuracy(net, split, device) -> float:
+    """Classification accuracy over a whole split, read in batches (never materialised as float)."""
     import numpy as np
     import torch
 
+    from sferd.data.arrays import to_model_range
+
     correct = 0
     with torch.no_grad():
-        for i in range(0, len(images), EVAL_BATCH):
-            u8 = torch.from_numpy(np.ascontiguousarray(images[i:i + EVAL_BATCH]))
-            x = u8.to(device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-            y = torch.from_numpy(np.asarray(labels[i:i + EVAL_BATCH])).long().to(device)
+        for i in range(0, len(split), EVAL_BATCH):
+            rows = np.arange(i, min(i + EVAL_BATCH, len(split)))
+            x = to_model_range(split.gather(rows), device)
+            y = torch.from_numpy(np.asarray(split.labels[rows])).long().to(device)
             correct += int((net(x).argmax(1) == y).sum())
-    return correct / len(images)
+    return correct / len(split)
 
 
 def run(name: str, params: dict) -> None:
@@ -43,7 +46,7 @@ def run(name: str, params: dict) -> None:
     net_cfg = params["network"]
     with Session(name, params) as s:
         split = open_training_split(params["inputs"]["train"])
-        channels, resolution = split.images.shape[3], split.images.shape[1]
+        channels, resolution = split.channels, split.resolution
         net = DigitsCNN(resolution, feature_dim=net_cfg["feature_dim"], width=net_cfg["width"],
                         channels=channels).to(s.device)
 
@@ -64,9 +67,8 @@ def run(name: str, params: dict) -> None:
         )
         if s.is_writer:
             net.eval()
-            held = read_npz(params["inputs"]["heldout"])
-            acc_held = _accuracy(net, held["images"], held["labels"], s.device)
-            acc_train = _accuracy(net, split.images, split.labels, s.device)
+            acc_held = _accuracy(net, open_training_split(params["inputs"]["heldout"]), s.device)
+            acc_train = _accuracy(net, split, s.device)
             out = fresh_dir(params["outputs"]["dir"])
             config = {"resolution": resolution, "feature_dim": net_cfg["feature_dim"], "width": net_cfg["width"],
                       "channels": channels}

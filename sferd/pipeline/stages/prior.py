@@ -23,11 +23,12 @@ def encode_split(encoder, split, device) -> "torch.Tensor":
     import numpy as np
     import torch
 
+    from sferd.data.arrays import to_model_range
+
     codes = []
     with torch.no_grad():
         for i in range(0, len(split), ENCODE_BATCH):
-            u8 = torch.from_numpy(np.ascontiguousarray(split.gather(np.arange(i, min(i + ENCODE_BATCH, len(split))))))
-            x = u8.to(device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            x = to_model_range(split.gather(np.arange(i, min(i + ENCODE_BATCH, len(split)))), device)
             codes.append(encoder(x).float())
     return torch.cat(codes)
 
