@@ -1,4 +1,4 @@
-"""Dataset loaders on small files written in the real formats: CIFAR-10's python pickles (restricted unpickler)
+"""Dataset loaders on small files written in the real formats: CIFAR-10's python pickles (read by torchvision)
 and downsampled ImageNet 64×64 npz files; the data stage end to end; missing data names what to fetch."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from sferd.pipeline.run import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_cifar10_pickles_load_in_hwc_order(tmp_path):
+def test_cifar10_pickles_load_through_torchvision_in_hwc_order(tmp_path):
     written = write_fake_cifar10(tmp_path)
     x, y = load_cifar10(tmp_path, train=True, verify_checksums=False)
     assert x.shape == (20, 32, 32, 3) and x.dtype == np.uint8 and y.dtype == np.int64
