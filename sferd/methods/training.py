@@ -19,11 +19,7 @@ import torch
 from sferd.util.artifacts import torch_load, torch_save
 from sferd.util.errors import StageError
 from sferd.util.progress import Progress
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch's global RNG (dropout); data and noise use their own seeded generators."""
-    torch.manual_seed(seed)
+from sferd.util.seeding import seed_everything  # noqa: F401  (moved to util; re-exported for the stages)
 
 
 class EMA:

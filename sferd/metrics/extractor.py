@@ -18,7 +18,6 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from sferd.metrics.fid import file_sha256  # noqa: F401  (re-exported: part of this module's API)
 from sferd.metrics.keys import EXTRACTOR_DIGITS_CNN
 from sferd.nn.digits_cnn import load_digits_cnn, save_digits_cnn, to_model_input  # noqa: F401  (re-exported)
 

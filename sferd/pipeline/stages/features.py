@@ -19,10 +19,9 @@ def run(name: str, params: dict) -> None:
     import torch.nn.functional as F
 
     from sferd.data.arrays import BatchSampler, to_model_range
+    from sferd.nn.digits_cnn import DigitsCNN, save_digits_cnn
     from sferd.util.progress import Progress
-    from sferd.methods.training import seed_everything
-    from sferd.metrics.extractor import save_digits_cnn
-    from sferd.nn.digits_cnn import DigitsCNN
+    from sferd.util.seeding import seed_everything
 
     net_cfg = params["network"]
     out = fresh_dir(params["outputs"]["dir"])
