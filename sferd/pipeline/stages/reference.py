@@ -18,18 +18,17 @@ def run(name: str, params: dict) -> None:
 
     from sferd.metrics.fid import (
         FeatureExtractorWeightsError,
-        file_sha256,
+        load_feature_weights,
         reference_statistics,
-        resolve_feature_extractor_weights,
         statistics_file_name,
     )
 
     extractor, ref_path = params["feature_extractor"], params["reference"]["path"]
     try:
-        weights = resolve_feature_extractor_weights(extractor, params["feature_weights"])
+        weights = load_feature_weights(extractor, params["feature_weights"])  # read once: hashed = measured with
     except FeatureExtractorWeightsError as e:
         raise StageError(str(e)) from e
-    ref_sha, w_sha = sha256_file(ref_path), file_sha256(weights)
+    ref_sha, w_sha = sha256_file(ref_path), weights.sha256
     stats = reference_statistics(read_npz(ref_path)["images"], feature_extractor=extractor, weights_path=weights,
                                  batch_size=params["batch_size"])
     out = fresh_dir(params["outputs"]["dir"])
