@@ -182,7 +182,8 @@ def inception_states() -> tuple[dict, dict]:
         empty = io.BytesIO()
         torch.save({}, empty)
         empty.seek(0)
-        state_a = {k: v.clone() for k, v in cls("x", ["2048"], feature_extractor_weights_path=empty).state_dict().items()}
+        net = cls("x", ["2048"], feature_extractor_weights_path=empty)
+        state_a = {k: v.clone() for k, v in net.state_dict().items()}
     finally:
         cls.load_state_dict = original
     state_b = {k: v + 0.01 if v.is_floating_point() else v.clone() for k, v in state_a.items()}

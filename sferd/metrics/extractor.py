@@ -27,7 +27,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from sferd.metrics.keys import EXTRACTOR_DIGITS_CNN, EXTRACTOR_INCEPTION
 from sferd.metrics.weights import FeatureWeights, load_feature_weights
-from sferd.nn.digits_cnn import digits_cnn_from_checkpoint, load_digits_cnn, save_digits_cnn, to_model_input  # noqa: F401  (re-exported)
+from sferd.nn.digits_cnn import digits_cnn_from_checkpoint, to_model_input
 
 # Registry name of the verified Inception: the network and its features are torch-fidelity's "inception-v3-compat"
 # (that is the name metrics files record); only the way the weights arrive differs.

@@ -21,7 +21,6 @@ import torch
 from torch.utils.data import Dataset
 
 from sferd.metrics import keys
-
 from sferd.metrics.weights import (  # noqa: F401  (FeatureExtractorWeightsError, SUPPORTED_EXTRACTORS: re-exported)
     SUPPORTED_EXTRACTORS,
     FeatureExtractorWeightsError,
