@@ -118,6 +118,7 @@ def test_expected_hash_is_checked_on_the_bytes_read(tmp_path):
     ],
     ids=["int-value", "nested", "sparse", "list"],
 )
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
 def test_inception_weights_must_be_a_plain_state_dict(tmp_path, content):
     path = tmp_path / "inception.pth"
     torch.save(content, path)
