@@ -416,3 +416,22 @@ def test_persistent_ids_are_refused():
     P(buf, protocol=2).dump({"data": "ref"})
     with pytest.raises(StageError, match="persistent id"):
         unpickle_batch(buf.getvalue(), source="x")
+
+
+def test_extension_codes_are_refused_even_when_cached(tmp_path):
+    """A global named by a copyreg extension code, once resolved by any unpickler in the process, comes from a
+    process-wide cache without `find_class`: the reader refuses the opcode itself."""
+    import copyreg
+
+    marker = tmp_path / "owned"
+    cmd = f"touch {marker}".encode()
+    payload = b"\x80\x02\x82\xf0C" + bytes([len(cmd)]) + cmd + b"\x85R."  # EXT1 240, (cmd,), REDUCE
+    copyreg.add_extension("posix", "system", 240)
+    try:
+        assert pickle.loads(b"\x80\x02\x82\xf0.") is os.system  # now cached process-wide
+        with pytest.raises(StageError, match="EXT1.*refused"):
+            unpickle_batch(payload, source="x")
+        assert not marker.exists()
+    finally:
+        copyreg.remove_extension("posix", "system", 240)
+

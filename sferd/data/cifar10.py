@@ -25,6 +25,7 @@ import hashlib
 import io
 import math
 import pickle
+import pickletools
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,16 @@ class _CifarUnpickler(pickle.Unpickler):
         raise RefusedPickle("uses a persistent id, which a CIFAR-10 batch never contains; refused")
 
 
+def _refuse_extension_codes(data: bytes) -> None:
+    """The EXT1/2/4 opcodes name a global by a copyreg extension code. Once any unpickler in the process has
+    resolved a code, both CPython unpicklers take it from copyreg's process-wide cache without calling
+    `find_class`, so the allowlist would not see it. The official batches never use them: refuse before loading."""
+    for op, _, pos in pickletools.genops(data):
+        if op.name in ("EXT1", "EXT2", "EXT4"):
+            raise RefusedPickle(f"uses the extension-registry opcode {op.name} (byte {pos}), which a CIFAR-10 batch "
+                                f"never contains and which bypasses the allowed globals; refused without running it")
+
+
 def unpickle_batch(data: bytes, *, source: str) -> dict:
     """The dict of one batch from its bytes, through the restricted unpickler; StageError if refused or malformed.
 
@@ -166,6 +177,7 @@ def unpickle_batch(data: bytes, *, source: str) -> dict:
     become str with one code point per byte, which numpy's __setstate__ turns back into the same bytes.
     """
     try:
+        _refuse_extension_codes(data)
         obj = _CifarUnpickler(io.BytesIO(data), encoding="latin1").load()
     except RefusedPickle as e:
         raise StageError(f"{source} is not a CIFAR-10 batch: it {e}") from None
