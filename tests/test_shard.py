@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sferd.nn.build import build_unet
-from sferd.pipeline.distributed import Launch, launch, merge_shards, shard_slices
+from sferd.util.distributed import Launch, launch, merge_shards, shard_slices
 from sferd.util.errors import StageError
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # torchrun's workers run with OMP_NUM_THREADS=1 too
@@ -80,7 +80,11 @@ def test_launch_reads_torchrun_environment():
     assert launch({}) == Launch() and not launch({}).sharded
     assert launch({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}) == Launch()
     got = launch({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"})
-    assert got == Launch(rank=3, world_size=4, local_rank=1) and got.sharded and not got.is_main
+    assert got == Launch(rank=3, world_size=4, local_rank=1, local_world_size=4) and got.sharded and not got.is_main
+    # two nodes of two: the first process of each node writes its node's outputs
+    node1 = launch({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"})
+    assert node1.multi_node and node1.is_writer and not node1.is_main
+    assert not got.multi_node and not got.is_writer
     assert launch({}).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(StageError, match="RANK is not"):
         launch({"WORLD_SIZE": "2", "LOCAL_RANK": "0"})

@@ -5,7 +5,7 @@ floor; Gaussian noise images: the ceiling). Samples are saved as one .npz (uint8
 so FID can be recomputed with another implementation without resampling. Sample k uses seed
 `sample_seed_start + k` for its noise and class, so the set does not depend on batch size or sharding.
 Under torchrun each rank samples whole batches of the one-process batch list and rank 0 gathers them
-(sferd/pipeline/distributed.py): samples.npz is the same bytes for any number of processes.
+(sferd/util/distributed.py): samples.npz is the same bytes for any number of processes.
 The metrics file records which FID, on what, with which seeds — the number is meaningless without it.
 When the spec asks for them, the same stage adds the Inception Score and precision/recall (torch-fidelity's
 implementations, same extractor) and the settings they were computed with.
@@ -17,7 +17,8 @@ import numpy as np
 
 from sferd.metrics import keys
 from sferd.util.artifacts import fresh_dir, read_npz, sha256_file, write_json, write_npz
-from sferd.pipeline.distributed import Launch, gather_to_main, launch, merge_shards, process_group, shard_slices
+from sferd.util.distributed import (Launch, gather_to_main, launch, merge_shards, process_group, shard_slices,
+                                    share_with_node_writers)
 from sferd.util.errors import StageError
 from sferd.pipeline.stages.common import load_model
 
@@ -64,9 +65,11 @@ def _sample_model(params: dict, seeds: np.ndarray, label: str, make_sampler=None
     with process_group(proc):
         shard = _sample_shard(params, seeds, label, make_sampler, proc)
         shards = gather_to_main(proc, shard)
-    if shards is None:
+        merged = (merge_shards([{k: v.numpy() for k, v in s.items()} for s in shards], len(seeds))
+                  if shards is not None else None)
+        merged = share_with_node_writers(proc, merged)  # several nodes: every node's writer gets the samples
+    if merged is None:
         return None
-    merged = merge_shards([{k: v.numpy() for k, v in s.items()} for s in shards], len(seeds))
     return merged["images"], merged["labels"]
 
 
@@ -146,8 +149,9 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
     sampler; `extra_metrics(params)` adds method-specific cost keys. The spec's extra metrics (IS, precision/recall)
     arrive as `params["extra_metrics"]`, absent when only FID is measured.
 
-    Under torchrun (sferd/pipeline/distributed.py) every rank samples its share of a model's seeds; rank 0
-    alone checks the FID inputs, touches the outputs and measures. If its checks fail it exits before joining
+    Under torchrun (sferd/util/distributed.py) every rank samples its share of a model's seeds; rank 0
+    alone checks the FID inputs, touches the outputs and measures (with several nodes, the first process of
+    every node does, on the samples rank 0 shares with it, so each node's workspace gets the same outputs). If its checks fail it exits before joining
     the process group, and torchrun stops the ranks waiting there: nothing is sampled in vain.
     """
     src = params["source"]
@@ -157,7 +161,7 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
     seeds = np.arange(start, start + n, dtype=np.int64)
     steps = params["steps"]
     proc = launch()
-    if not proc.is_main:  # sample this rank's share, hand it to rank 0 in the gather, done
+    if not proc.is_writer:  # sample this rank's share, hand it to rank 0 in the gather, done
         if src["kind"] in SAMPLED:
             _sample_model(params, seeds, name, make_sampler, proc)
         return
