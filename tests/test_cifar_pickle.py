@@ -268,12 +268,14 @@ def test_truncated_and_non_pickle_files_are_refused():
             unpickle_batch(data, source="x")
 
 
-def test_oversized_file_is_refused_before_reading(tmp_path):
+def test_oversized_file_is_refused_with_a_bounded_read(tmp_path, monkeypatch):
     _write_folder(tmp_path, py2_pickle)
-    with open(tmp_path / cifar10.FOLDER / "test_batch", "r+b") as f:
-        f.truncate(cifar10.MAX_FILE_BYTES + 1)  # sparse: costs no disk
+    size = (tmp_path / cifar10.FOLDER / "test_batch").stat().st_size
+    monkeypatch.setattr(cifar10, "MAX_FILE_BYTES", size - 1)  # the real bound is 128 MiB; the logic is the same
     with pytest.raises(StageError, match="far more than a batch"):
         load_cifar10(tmp_path, train=False, verify_checksums=False)
+    monkeypatch.setattr(cifar10, "MAX_FILE_BYTES", size)
+    load_cifar10(tmp_path, train=False, verify_checksums=False)  # exactly at the bound: read
 
 
 # ------------------------------------------------------------------------------------------------ hostile pickles

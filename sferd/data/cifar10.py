@@ -174,7 +174,7 @@ def unpickle_batch(data: bytes, *, source: str) -> dict:
     """The dict of one batch from its bytes, through the restricted unpickler; StageError if refused or malformed.
 
     encoding="latin1" as numpy documents for Python-2 pickles: py2 strings (keys, and the arrays' raw buffers)
-    become str with one code point per byte, which numpy's __setstate__ turns back into the same bytes.
+    become str with one code point per byte, which `_ArrayState` turns back into the same bytes.
     """
     try:
         _refuse_extension_codes(data)
@@ -182,7 +182,8 @@ def unpickle_batch(data: bytes, *, source: str) -> dict:
     except RefusedPickle as e:
         raise StageError(f"{source} is not a CIFAR-10 batch: it {e}") from None
     except Exception as e:  # noqa: BLE001 - truncated or malformed streams raise many types; all mean "not a batch"
-        raise StageError(f"{source} is not a readable CIFAR-10 batch ({type(e).__name__}: {e})") from None
+        detail = (str(e).splitlines() or [""])[0][:200]  # one line, bounded: the message echoes file content
+        raise StageError(f"{source} is not a readable CIFAR-10 batch ({type(e).__name__}: {detail})") from None
     return _checked_batch(obj, source)
 
 
@@ -204,11 +205,11 @@ def _checked_batch(obj, source: str) -> dict:
 
 
 def _read_file(path: Path, md5: str | None, root: Path) -> bytes:
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise StageError(f"CIFAR-10 not found or corrupted under {root}: {path} has {size} bytes, far more than a "
-                         f"batch (about 31 MB); extract {URL} there afresh")
-    data = path.read_bytes()
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows while it is read
+    if len(data) > MAX_FILE_BYTES:
+        raise StageError(f"CIFAR-10 not found or corrupted under {root}: {path} has more than {MAX_FILE_BYTES} "
+                         f"bytes, far more than a batch (about 31 MB); extract {URL} there afresh")
     if md5 is not None:
         got = hashlib.md5(data, usedforsecurity=False).hexdigest()
         if got != md5:
