@@ -40,8 +40,7 @@ def run(name: str, params: dict) -> None:
     import torch.nn.functional as F
 
     from sferd.methods.training import ImageSource, Session, warmup_constant
-    from sferd.metrics.extractor import save_digits_cnn
-    from sferd.nn.digits_cnn import DigitsCNN
+    from sferd.nn.digits_cnn import DigitsCNN, save_digits_cnn
 
     net_cfg = params["network"]
     with Session(name, params) as s:

@@ -132,15 +132,16 @@ def _noise_images(seeds: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return to_uint8(per_sample_noise(seeds, shape).clamp(-1, 1))
 
 
-def _measuring_tools(params: dict) -> tuple[str, dict, dict]:
+def _measuring_tools(params: dict):
     """(extractor weights, FID provenance, reference statistics), checked before any sampling: a missing
-    extractor or stale statistics must not cost a sampling run."""
-    from sferd.metrics.fid import FeatureExtractorWeightsError, fid_provenance, resolve_feature_extractor_weights
+    extractor or stale statistics must not cost a sampling run. The weights are read once, here: the hash in the
+    provenance is that of the tensors `measure_samples` later measures with, whatever happens to the file."""
+    from sferd.metrics.fid import FeatureExtractorWeightsError, fid_provenance, load_feature_weights
 
     extractor = params["feature_extractor"]
     try:
-        weights = resolve_feature_extractor_weights(extractor, params["feature_weights"])
-        provenance = fid_provenance(feature_extractor=extractor, weights_path=weights)  # hashes the weights once
+        weights = load_feature_weights(extractor, params["feature_weights"])
+        provenance = fid_provenance(feature_extractor=extractor, weights_path=weights)
     except FeatureExtractorWeightsError as e:
         raise StageError(str(e)) from e
     return weights, provenance, _reference_statistics(params["reference"], provenance[keys.WEIGHTS_SHA256])

@@ -21,19 +21,18 @@ def run(name: str, params: dict) -> None:
 
     from sferd.metrics.fid import (
         FeatureExtractorWeightsError,
-        file_sha256,
+        load_feature_weights,
         reference_statistics,
-        resolve_feature_extractor_weights,
         statistics_file_name,
     )
 
     extractor, ref_path = params["feature_extractor"], params["reference"]["path"]
     try:
-        weights = resolve_feature_extractor_weights(extractor, params["feature_weights"])
+        weights = load_feature_weights(extractor, params["feature_weights"])  # read once: hashed = measured with
     except FeatureExtractorWeightsError as e:
         raise StageError(str(e)) from e
     split = open_split(ref_path)
-    ref_sha, w_sha = split.sha256(), file_sha256(weights)
+    ref_sha, w_sha = split.sha256(), weights.sha256
     with reading_the_map():
         stats = reference_statistics(split.images, feature_extractor=extractor, weights_path=weights,
                                      batch_size=params["batch_size"])
