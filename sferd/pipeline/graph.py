@@ -12,7 +12,7 @@ writes (deterministic, derived from the stage name), and an estimate of its work
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sferd.metrics import keys
@@ -395,7 +395,26 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
             cost={},
         )
     )
-    return stages
+    return [with_training_log(s) for s in stages]
+
+
+TRAINING_KINDS = frozenset({"features", "teacher", "distill", "predictor", "prior"})
+
+
+def training_log_path(name: str) -> str:
+    return f"{METRICS_DIR}/{name}-train.tsv"
+
+
+def with_training_log(stage: Stage) -> Stage:
+    """A training stage also writes its per-update log (loss, gradient norm, lr, images/s), declared as a DVC plot
+    beside its metrics: uncached and not a dependency of anything, since its timings differ on every run."""
+    if stage.kind not in TRAINING_KINDS:
+        return stage
+    log = training_log_path(stage.name)
+    params = {**stage.params, "outputs": {**stage.params["outputs"], "train_log": log}}
+    plot = (log, {"cache": False, "x": "update", "y": "loss", "template": "linear",
+                  "title": f"{stage.name}: training loss", "x_label": "update", "y_label": "loss"})
+    return replace(stage, params=params, plots=(*stage.plots, plot))
 
 
 def extra_metrics(ev: EvaluationSpec) -> dict[str, dict[str, int]]:
