@@ -246,9 +246,6 @@ def test_signals_reach_the_ranks_and_nothing_is_left_running(tmp_path, sig, code
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="main's sferd/util/distributed.py share_with_node_writers broadcasts numpy "
-                   "arrays with weights_only=True, which refuses them (UnpicklingError on the second node); passed "
-                   "before the multi-node writer change. Remove this mark with the fix.")
 @pytest.mark.usefixtures("single_thread")
 def test_two_nodes_on_one_machine_equal_one_process(tmp_path):
     """Two launchers with `nnodes = 2` meet at a c10d rendezvous on localhost (each a "node" of 1 process, in
