@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 import sferd
 
@@ -27,14 +27,15 @@ EXIT_INTERNAL = 3
 class _Commands(TyperGroup):
     """The command group; an exception no command handles is a bug, reported in one line with exit code 3.
 
-    Click already turns usage errors into exit 2 and typer.Exit into its code; everything else that escapes a
-    command would otherwise print a traceback, which no input may cause (specs are data from other people).
+    Typer already turns usage errors (its Click exceptions, all TyperExceptions) into exit 2 and typer.Exit into its
+    code; everything else that escapes a command would otherwise print a traceback, which no input may cause
+    (specs are data from other people).
     """
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except (typer.Exit, typer.Abort, TyperException):
             raise
         except Exception as e:  # noqa: BLE001 - the one place that turns a bug into exit code 3
             if ctx.params.get("debug"):

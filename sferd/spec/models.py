@@ -391,7 +391,7 @@ class GuidanceSpec(Model):
 class PredictorSpec(Model):
     """Semantic encoder + gradient predictor trained on a frozen student (sferd-method.md §7, D5, D13)."""
 
-    latent_dim: int = Field(512, gt=0, le=MAX_CHANNELS, description="Size of the semantic code z (D13: 512).")
+    latent_dim: int = Field(512, gt=0, le=2**20, description="Size of the semantic code z (D13: 512).")
     encoder_channels: list[Annotated[int, Field(le=MAX_CHANNELS)]] | None = Field(
         None, max_length=8, description="Channels of the encoder's stride-2 convs, log2(res/4) of them (null: D13 table for the resolution)."
     )
