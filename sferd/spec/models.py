@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from sferd.spec.limits import echo
 
@@ -545,11 +545,11 @@ class EvaluationSpec(Model):
                 raise ValueError(f"step count {s} must be >= 1")
         return v
 
-    @field_validator("num_samples")
+    @field_validator("sample_seed_start")
     @classmethod
     def _seeds_fit(cls, v: int, info: ValidationInfo) -> int:
-        start = info.data.get("sample_seed_start")
-        if start is not None and start + v > SEED_LIMIT:
+        n = info.data.get("num_samples")
+        if n is not None and v + n > SEED_LIMIT:
             raise ValueError(f"sample seeds run from sample_seed_start to sample_seed_start + num_samples − 1, which "
                              f"must stay below 2**59 (seeds of the per-sample generators)")
         return v
@@ -609,25 +609,25 @@ def _check_scales(v: dict[str, "ScaleProfile"]) -> dict[str, "ScaleProfile"]:
     return v
 
 
+def _check_set_path(key: str) -> str:
+    """A key of a profile's `set:` (a per-key validator, so the error points at the key)."""
+    if len(key) > 200 or not SET_PATH_RE.fullmatch(key):
+        raise ValueError(f"{echo(key)} is not a path: dotted field names, list indices written plainly (0, 1, … in "
+                         "ASCII digits, no leading zeros) or `*`")
+    return key
+
+
 class ScaleProfile(Model):
     """A named size override of the spec (sferd/spec/scale.py), chosen with `--scale NAME`."""
 
     description: str = Field(max_length=2000, description="What the profile is for and what its numbers mean (shown in the table).")
-    set: dict[str, Any] = Field(
+    set: dict[Annotated[str, AfterValidator(_check_set_path)], Any] = Field(
         min_length=1,
         max_length=64,
         description="Dotted path → value, e.g. `teacher.updates: 30`, `methods.*.start_steps: 16`; `*` sets every "
         "item of a list. A whole block may be replaced (`features: {...}`).",
     )
 
-    @field_validator("set")
-    @classmethod
-    def _paths(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for key in v:
-            if len(key) > 200 or not SET_PATH_RE.fullmatch(key):
-                raise ValueError(f"{echo(key)} is not a path: dotted field names, list indices written plainly "
-                                 "(0, 1, … in ASCII digits, no leading zeros) or `*`")
-        return v
 
 
 
