@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -303,7 +304,15 @@ def read_yaml(path: str | Path, *, display_path: str | None = None) -> Any:
     SpecError; nothing here raises anything else, whatever the file holds.
     """
     shown = display_path if display_path is not None else str(path)
-    data = _read_bounded(Path(path), shown)
+    return _parse(_read_bounded(Path(path), shown), shown)
+
+
+@lru_cache(maxsize=16)
+def _parse(data: bytes, shown: str) -> Any:
+    """The document in `data`, parsed once per process: one command reads a spec once per scale profile and once
+    more as another spec's base or context, and ruamel is slow (pure Python). Keyed by the bytes, so an edited
+    file is parsed again; callers treat the document as read-only (validation runs on a `to_plain` copy).
+    A SpecError is not cached (lru_cache does not keep exceptions), so a broken file is simply parsed again."""
     try:
         # utf-8-sig drops a BOM, which would otherwise shift every column of line 1.
         text = data.decode("utf-8-sig")
