@@ -437,3 +437,46 @@ def test_an_internal_error_is_one_line_and_exit_3(repo, monkeypatch):
     assert "Traceback" not in r.output
     r = runner.invoke(app, ["--debug", "validate", "specs/evil.yaml"])
     assert isinstance(r.exception, RuntimeError)  # --debug lets it through, with its traceback
+
+
+# ------------------------------------------------------------------------------- containment of compiled files
+
+
+def test_compiled_files_stay_in_their_own_pipeline_folder(tmp_path, monkeypatch):
+    """Compiling every committed spec (and table1 at its smoke scale) writes only inside the repository, each
+    pipeline's files in the folder of the one spec that owns it, and nothing anywhere else."""
+    from sferd.spec import load_spec
+
+    repo = tmp_path / "repo"
+    (repo / "specs").mkdir(parents=True)
+    (repo / "sferd").symlink_to(ROOT / "sferd", target_is_directory=True)
+    (tmp_path / "outside").mkdir()
+    for p in (ROOT / "specs").glob("*.yaml"):
+        (repo / "specs" / p.name).write_bytes(p.read_bytes())
+    monkeypatch.chdir(repo)
+    before = _snapshot(tmp_path)
+    assert runner.invoke(app, ["compile"]).exit_code == 0
+    r = runner.invoke(app, ["compile", "specs/table1.yaml", "--scale", "smoke"])
+    assert r.exit_code == 0, r.output
+
+    owners: dict[str, str] = {}  # pipeline folder → the one spec compiled into it
+    for p in sorted((repo / "specs").glob("*.yaml")):
+        spec = load_spec(p)
+        assert spec.pipeline not in owners, f"{p.name} and {owners.get(spec.pipeline)} share {spec.pipeline}"
+        owners[spec.pipeline] = p.name
+    owners["stages/table1-smoke"] = "table1.yaml (smoke)"
+    after = _snapshot(tmp_path)
+    written = {k for k in after if after[k] != before.get(k)}
+    assert not any(k.startswith("outside") for k in written)
+    for rel in sorted(written):
+        assert rel.startswith("repo/"), rel
+        path = rel[len("repo/"):]
+        if after[rel] == "dir":
+            continue
+        assert not (repo / path).is_symlink()
+        folder = path.rsplit("/", 1)[0] if "/" in path else "."
+        assert path == "specs/spec.schema.json" or (folder in owners and path.rsplit("/", 1)[-1] in
+                                                    ("dvc.yaml", "params.json")), path
+    compiled = {k[len("repo/"):].rsplit("/", 1)[0] if "/" in k[len("repo/"):] else "."
+                for k in written if k.endswith("/dvc.yaml") or k == "repo/dvc.yaml"}
+    assert compiled == set(owners)  # every pipeline written, each into its owner's folder only

@@ -172,6 +172,8 @@ def _yaml_error_issue(e: YAMLError, shown: str) -> SpecIssue:
         return SpecIssue(shown, line, col, "", f"nested deeper than {limits.MAX_DEPTH} levels [too_deep]")
     if problem == "but found another document":
         return SpecIssue(shown, line, col, "", "a spec file holds one YAML document; found a second [yaml_syntax]")
+    if str(problem).endswith("]"):  # our own composer's problems carry their code
+        return SpecIssue(shown, line, col, "", str(problem))
     kind = "yaml_value" if isinstance(e, ConstructorError) else "yaml_syntax"
     msg = problem
     if context and cmark is not None and (cmark.line, cmark.column) != (line - 1, col - 1):
@@ -197,12 +199,12 @@ class _Composer(Composer):
             first = self.anchors[anchor].start_mark
             raise ComposerError(
                 None, None, f"anchor &{limits.shorten(anchor)} is defined twice (first at {first.line + 1}:"
-                f"{first.column + 1}); give each anchor its own name", event.start_mark,
+                f"{first.column + 1}); give each anchor its own name [duplicate_anchor]", event.start_mark,
             )
         self._sferd_nodes = getattr(self, "_sferd_nodes", 0) + 1
         if self._sferd_nodes > limits.MAX_NODES:
             raise ComposerError(None, None, f"the document holds more than {limits.MAX_NODES} values; a spec is "
-                                "far smaller", event.start_mark)
+                                "far smaller [too_large]", event.start_mark)
         return super().compose_node(parent, index)
 
 
