@@ -638,7 +638,6 @@ class Spec(Model):
     extends: str | None = Field(
         None,
         max_length=1024,
-        pattern=EXTENDS_RE.pattern,
         description="Another spec file (relative to this one) whose set-up fields this spec inherits when it does not "
         "write them: seed, seeds, dataset, features, teacher, methods, evaluation (sferd/spec/extends.py).",
     )
@@ -699,6 +698,14 @@ class Spec(Model):
     @property
     def chain_seeds(self) -> list[int]:
         return list(self.seeds) if self.seeds is not None else [self.seed]
+
+    @field_validator("extends")
+    @classmethod
+    def _extends(cls, v: str | None) -> str | None:
+        # a validator, not Field(pattern=): Pydantic's patterns search rather than match the whole value
+        if v is not None and not EXTENDS_RE.fullmatch(v):
+            raise ValueError(f"{echo(v)} is not a relative path of a .yaml file ([A-Za-z0-9_.-] and `/`)")
+        return v
 
     @field_validator("pipeline")
     @classmethod
