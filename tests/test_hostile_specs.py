@@ -413,6 +413,14 @@ def test_a_huge_list_is_refused_in_well_under_a_second(repo, count):
     assert elapsed < 2.0, f"{elapsed:.2f} s"  # ~0.3 s measured on a busy 2-core machine
 
 
+def test_a_spec_that_expands_to_too_many_stages_is_refused(repo):
+    """Each list is within its bound, but seeds × methods × steps would make a pipeline of ~800 stages."""
+    text = EVIL.replace("seed: 0\n", "seed: 0\nseeds: [" + ", ".join(map(str, range(16))) + "]\n").replace(
+        "  student_steps: [1, 2]", "  student_steps: [1, 2, 4, 8, 16, 32, 64, 128]").replace(
+        "start_steps: 4\n", "start_steps: 256\n")
+    _refused(repo, text, _at(text, "[0, 1,", "seeds: "), "at most 400")
+
+
 def test_an_echoed_value_is_truncated(repo):
     name = "x" * 8_000 + "!"
     text = EVIL.replace("name: evil\n", f"name: {name}\n")
