@@ -328,12 +328,12 @@ def compile_(
 
 
 def _pipelines_of(spec) -> list[str]:
-    """The pipeline folders a spec owns: its own, and (loaded at its own scale) one per scale profile, named as
-    `sferd.spec.scale.apply_scale` names them."""
+    """The pipeline folders a spec owns: its own, and (loaded at its own scale) one per scale profile."""
+    from sferd.spec.scale import scaled_pipeline
+
     if spec.scale is not None:
         return [spec.pipeline]
-    stem = f"stages/{spec.name}" if spec.pipeline == "." else spec.pipeline
-    return [spec.pipeline, *(f"{stem}-{name}" for name in spec.scales)]
+    return [spec.pipeline, *(scaled_pipeline(spec.pipeline, spec.name, name) for name in spec.scales)]
 
 
 def _check_owners(chosen, context) -> None:

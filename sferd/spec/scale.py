@@ -66,6 +66,11 @@ def _assign(doc: dict, path: tuple[PathPart, ...], value: Any) -> None:
     node[path[-1]] = copy.deepcopy(value)
 
 
+def scaled_pipeline(pipeline: str, spec_name: str, scale: str) -> str:
+    """The pipeline folder of a spec loaded at profile `scale`: beside the spec's own, never the root."""
+    return f"stages/{spec_name}-{scale}" if pipeline in ("", ".") else f"{pipeline}-{scale}"
+
+
 def apply_scale(plain: dict[str, Any], name: str) -> tuple[dict[str, Any], dict[tuple, str], list[tuple[str, str]]]:
     """The spec at scale `name`, which concrete path each `set:` key wrote (for locating errors), and problems
     (dotted key, message) with the profile itself. The `scales` block must already be validated."""
@@ -101,8 +106,7 @@ def apply_scale(plain: dict[str, Any], name: str) -> tuple[dict[str, Any], dict[
             for k in range(1, len(path)):
                 inside.setdefault(path[:k], key)
     # the scaled run's own namespace: never the real run's pipeline, table or stage names
-    pipeline = out.get("pipeline", "")
-    out["pipeline"] = f"stages/{out.get('name', 'spec')}-{name}" if pipeline in ("", ".") else f"{pipeline}-{name}"
+    out["pipeline"] = scaled_pipeline(out.get("pipeline", ""), str(out.get("name", "spec")), name)
     if isinstance(out.get("table"), dict) and "id" in out["table"]:
         out["table"]["id"] = f"{out['table']['id']}-{name}"
     out["scale"] = name
