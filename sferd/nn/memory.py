@@ -47,7 +47,8 @@ ASSUMPTIONS = (
     "grads, Adam moments, EMA; bf16 autocast keeps fp32 masters), 4 B per frozen teacher parameter, plus the "
     "activations autograd saves, measured by one forward on fake CUDA tensors (bf16: under CUDA autocast; attention "
     f"as the fused memory-efficient kernel). The largest micro-batch keeps this within {HEADROOM:.0%} of the stated "
-    "memory: the rest is for backward transients, the CUDA context, fragmentation (not counted)."
+    "memory: the rest is for backward transients, the CUDA context, fragmentation (not counted). Shown for the U-Net "
+    "training stages (teacher, halvings); predictor, prior and feature-network stages are not estimated."
 )
 
 
