@@ -31,6 +31,7 @@ from sferd.diffusion.denoiser import NetworkDenoiser  # noqa: E402
 from sferd.diffusion.sampler import ddim_sample  # noqa: E402
 from sferd.methods.guidance import GuidanceConfig, GuidedDenoiser  # noqa: E402
 from sferd.methods.latent_prior import LatentDiffusion  # noqa: E402
+from sferd.methods.draws import GeneratorDraws  # noqa: E402
 from sferd.methods.pd import pd_loss  # noqa: E402
 from sferd.methods.sferd import sample_sferd  # noqa: E402
 from sferd.nn.latent_mlp import LatentMLP, LatentMLPConfig  # noqa: E402
@@ -70,7 +71,7 @@ def training_ratio(cfg: UNetConfig, guidance: GuidanceConfig, batch: int, repeat
     def step(teacher):
         def run():
             opt.zero_grad(set_to_none=True)
-            pd_loss(student, teacher, x0, 4, gen).backward()
+            pd_loss(student, teacher, x0, 4, GeneratorDraws(gen, x0.shape[0])).mean().backward()
             opt.step()
         return run
 

@@ -340,13 +340,13 @@ def _stage_params(tmp_path: Path, weights: str, extra: dict | None) -> dict:
     if not (ref_dir / "stats.json").is_file():
         reference.run("x-reference-stats", {
             "kind": "reference", "feature_extractor": DIGITS, "feature_weights": weights,
-            "reference": {"name": "x-train", "path": "results/x-data/train.npz"}, "batch_size": 64,
+            "reference": {"name": "x-train", "path": "results/x-data/train"}, "batch_size": 64,
             "outputs": {"dir": str(ref_dir)}})
     params = {
-        "kind": "fid", "row": "heldout", "steps": None, "source": {"kind": "heldout", "path": "results/x-data/heldout.npz"},
+        "kind": "fid", "row": "heldout", "steps": None, "source": {"kind": "heldout", "path": "results/x-data/heldout"},
         "num_samples": 40, "sample_seed_start": 0, "sample_batch_size": 64, "feature_extractor": DIGITS,
         "feature_weights": weights,
-        "reference": {"name": "x-train", "path": "results/x-data/train.npz", "stats_dir": str(ref_dir)},
+        "reference": {"name": "x-train", "path": "results/x-data/train", "stats_dir": str(ref_dir)},
         "image_shape": [1, R, R], "dataset": {},
         "outputs": {"dir": "results/x-heldout-fid", "metrics": "results/metrics/x-heldout-fid.json"},
     }
@@ -357,13 +357,12 @@ def _stage_params(tmp_path: Path, weights: str, extra: dict | None) -> dict:
 
 @pytest.fixture
 def stage_dir(tmp_path, monkeypatch, sets):
-    from sferd.util.artifacts import write_npz
+    from fakes import write_split_arrays
 
     monkeypatch.chdir(tmp_path)
     real, fake = sets
-    (tmp_path / "results/x-data").mkdir(parents=True)
-    write_npz(tmp_path / "results/x-data/train.npz", images=real, labels=np.zeros(len(real), np.int64))
-    write_npz(tmp_path / "results/x-data/heldout.npz", images=fake[:40], labels=np.zeros(40, np.int64))
+    write_split_arrays(tmp_path / "results/x-data/train", real)
+    write_split_arrays(tmp_path / "results/x-data/heldout", fake[:40])
     return tmp_path
 
 
@@ -385,13 +384,13 @@ def test_fid_stage_records_extra_metrics_and_their_settings(stage_dir, weights):
 
 
 def test_fid_stage_refuses_a_reference_set_other_than_the_statistics_one(stage_dir, weights):
-    from sferd.util.artifacts import write_npz
+    from fakes import write_split_arrays
     from sferd.util.errors import StageError
     from sferd.pipeline.stages import fid
 
     params = _stage_params(stage_dir, weights, {"prc": {"neighborhood": 3}})
     real, _ = _blocky_images(5), None
-    write_npz(stage_dir / "results/x-data/train.npz", images=real, labels=np.zeros(len(real), np.int64))
+    write_split_arrays(stage_dir / "results/x-data/train", real)
     with pytest.raises(StageError, match="not the reference set"):
         fid.run("x-heldout-fid", params)
 

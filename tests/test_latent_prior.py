@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from sferd.methods.draws import GeneratorDraws
 from sferd.methods.latent_prior import LatentDiffusion, LatentStats, train_prior_step
 from sferd.nn.latent_mlp import LatentMLP, LatentMLPConfig
 
@@ -113,7 +114,7 @@ def test_loss_is_l1_of_exact_predictor():
     d = LatentDiffusion()
     model = _exact_per_sample_eps(d)
     g = torch.Generator().manual_seed(2)
-    loss = d.loss(model, torch.randn(40000, 4, generator=g), generator=g)
+    loss = d.loss(model, torch.randn(40000, 4, generator=g), draws=GeneratorDraws(g, 40000)).mean()
     want = math.sqrt(2 / math.pi) * sum(math.sqrt(_abar(t)) for t in range(T)) / T
     assert float(loss) == pytest.approx(want, rel=0.02)
 
@@ -324,7 +325,9 @@ def test_mlp_gradient_reaches_every_parameter():
     mlp = LatentMLP(LatentMLPConfig(**{**TINY.__dict__, "num_classes": 3}))
     d = LatentDiffusion()
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    loss = d.loss(mlp, torch.randn(8, TINY.latent_dim), generator=torch.Generator().manual_seed(7), y=y)
+    loss = d.loss(mlp, torch.randn(8, TINY.latent_dim), draws=GeneratorDraws(torch.Generator().manual_seed(7), 8), y=y)
+    assert loss.shape == (8,)
+    loss = loss.mean()
     loss.backward()
     for name, p in mlp.named_parameters():
         assert p.grad is not None, name

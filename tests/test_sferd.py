@@ -12,6 +12,7 @@ import torch
 from sferd.diffusion.denoiser import NetworkDenoiser
 from sferd.diffusion.sampler import ddim_sample
 from sferd.diffusion.schedule import alpha_sigma, logsnr, time_input
+from sferd.methods.draws import GeneratorDraws
 from sferd.methods.sferd import predictor_loss, sample_sferd, shift_active, shift_coefficient, shifted_steps, shifted_x0
 from sferd.nn.predictor import EncoderConfig, GradientPredictor, SemanticEncoder
 from sferd.nn.unet import UNet, UNetConfig
@@ -160,7 +161,8 @@ def test_predictor_loss_trains_only_encoder_and_predictor_and_decreases():
 
     def loss_at(seed: int) -> torch.Tensor:
         return predictor_loss(encoder=enc, predictor=pred, teacher=teacher, parameterization="x", x0=x0,
-                              num_steps=2, generator=torch.Generator().manual_seed(seed), weighting="truncated_snr")
+                              num_steps=2, draws=GeneratorDraws(torch.Generator().manual_seed(seed), 16),
+                              weighting="truncated_snr").mean()
 
     with torch.no_grad():
         first = sum(loss_at(s).item() for s in range(4))

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sferd.nn.build import build_unet
-from sferd.pipeline.distributed import Launch, launch, merge_shards, shard_slices
+from sferd.util.distributed import Launch, launch, merge_shards, shard_slices
 from sferd.util.errors import StageError
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # torchrun's workers run with OMP_NUM_THREADS=1 too
@@ -80,7 +80,11 @@ def test_launch_reads_torchrun_environment():
     assert launch({}) == Launch() and not launch({}).sharded
     assert launch({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}) == Launch()
     got = launch({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"})
-    assert got == Launch(rank=3, world_size=4, local_rank=1) and got.sharded and not got.is_main
+    assert got == Launch(rank=3, world_size=4, local_rank=1, local_world_size=4) and got.sharded and not got.is_main
+    # two nodes of two: the first process of each node writes its node's outputs
+    node1 = launch({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"})
+    assert node1.multi_node and node1.is_writer and not node1.is_main
+    assert not got.multi_node and not got.is_writer
     assert launch({}).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(StageError, match="RANK is not"):
         launch({"WORLD_SIZE": "2", "LOCAL_RANK": "0"})
@@ -156,18 +160,18 @@ def test_sharded_sampling_in_process_equals_one_process(tmp_path, kind):
 def _stage_inputs(d: Path) -> dict:
     """Training split, random digits-CNN weights and the reference-statistics stage run here: what an FID
     stage reads besides its model."""
+    from fakes import write_split_arrays
     from sferd.nn.digits_cnn import DigitsCNN, save_digits_cnn
-    from sferd.util.artifacts import write_npz
     from sferd.pipeline.run import main
 
     rng = np.random.default_rng(0)
-    write_npz(d / "results/data/train.npz", images=rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8),
-              labels=rng.integers(0, 3, 40))
+    write_split_arrays(d / "results/data/train", rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8),
+                       rng.integers(0, 3, 40))
     torch.manual_seed(0)
     net = DigitsCNN(8, feature_dim=8, width=8)
     save_digits_cnn(d / "results/features/model.pt", net, config=net.config)
     common = {"feature_extractor": "digits-cnn", "feature_weights": "results/features/model.pt"}
-    reference = {"name": "train", "path": "results/data/train.npz"}
+    reference = {"name": "train", "path": "results/data/train"}
     (d / "params.json").write_text(json.dumps({"ref": {"kind": "reference", **common, "reference": reference,
                                                        "batch_size": 64, "outputs": {"dir": "results/ref"}}}))
     assert main(["ref"]) == 0

@@ -47,8 +47,9 @@ def test_smoke_scale_runs_the_whole_table1_pipeline_to_a_rendered_table(smoke):
     # trained on the fake files through torchvision's loader: 5 batches × 16 images, RGB 32×32
     import numpy as np
 
-    with np.load(d / "results/cifar10-smoke-data/train.npz") as z:
-        assert z["images"].shape == (5 * PER_BATCH, 32, 32, 3)
+    from sferd.data.store import open_split
+
+    assert open_split(d / "results/cifar10-smoke-data/train").images.shape == (5 * PER_BATCH, 32, 32, 3)
     feats = json.loads((d / "results/metrics/cifar10-smoke-features.json").read_text())
     assert 0.0 <= feats["heldout_accuracy"] <= 1.0
     samples = np.load(d / "results/cifar10-smoke-sferd-s0001-fid/samples.npz")

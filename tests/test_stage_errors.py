@@ -30,7 +30,7 @@ def _distill_params(ckpt, teacher_model):
         "teacher": {"checkpoint": ckpt, "model": teacher_model, "is_original_teacher": True},
         "model": MODEL, "parameterization": "x", "loss_weighting": "truncated_snr",
         "training": {"updates": 2, "batch_size": 4, "lr": 1e-4, "grad_clip_norm": 1.0, "checkpoint_every_updates": 1},
-        "inputs": {"train": "results/digits-data/train.npz"},
+        "inputs": {"train": "results/digits-data/train"},
         "outputs": {"dir": "results/x-pd-s0002", "metrics": "results/metrics/x-pd-s0002.json"},
     }
 
@@ -38,9 +38,9 @@ def _distill_params(ckpt, teacher_model):
 def _data(tmp_path):
     import numpy as np
 
-    from sferd.util.artifacts import write_npz
+    from fakes import write_split_arrays
 
-    write_npz(tmp_path / "results/digits-data/train.npz", images=np.zeros((8, 8, 8, 1), np.uint8), labels=np.zeros(8, np.int64))
+    write_split_arrays(tmp_path / "results/digits-data/train", np.zeros((8, 8, 8, 1), np.uint8))
 
 
 def test_missing_upstream_checkpoint(tmp_path, monkeypatch, capsys):
@@ -80,10 +80,11 @@ def test_distill_runs_and_writes_outputs(tmp_path, monkeypatch):
     saved = torch.load(tmp_path / "results/x-pd-s0002/model.pt", weights_only=True)
     assert saved["config"]["model"] == MODEL and saved["config"]["student_steps"] == 2
     assert (tmp_path / "results/metrics/x-pd-s0002.json").is_file()
-    # the runner stamps the code fingerprint into the config, and the resumable state carries it
+    # the runner stamps the code fingerprint into the config (and so into the resume key); a finished stage
+    # leaves neither scratch state nor stray files among its outputs
     assert len(saved["config"]["code_sha256"]) == 64
-    state = torch.load(tmp_path / "results/x-pd-s0002/state.pt", weights_only=True)
-    assert state["config"]["code_sha256"] == saved["config"]["code_sha256"]
+    assert sorted(p.name for p in (tmp_path / "results/x-pd-s0002").iterdir()) == ["config.json", "model.pt"]
+    assert not any((tmp_path / ".sferd/scratch/x-pd-s0002").glob("*"))
 
 
 def test_unknown_stage_and_missing_params(tmp_path, monkeypatch, capsys):
@@ -98,3 +99,13 @@ def test_unknown_stage_and_missing_params(tmp_path, monkeypatch, capsys):
 def test_runner_usage_error_exits_2():
     r = subprocess.run([sys.executable, "-m", "sferd.pipeline.run"], capture_output=True, text=True)
     assert r.returncode == 2
+
+
+def test_unshardable_stage_refuses_several_processes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    params = _params(tmp_path, {"x-data": {"kind": "data", "dataset": {"id": "digits-8x8"}, "outputs": {"dir": "r"}}})
+    assert main(["--params", params, "x-data"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs in one process, but WORLD_SIZE=2" in err[0]
+    assert not (tmp_path / "r").exists()

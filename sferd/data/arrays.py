@@ -1,32 +1,34 @@
-"""uint8 image arrays ↔ model tensors, and the training-batch sampler every training stage uses."""
+"""uint8 image batches → model tensors on the device (batches come from `sferd.data.store.ImageSplit.gather`)."""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
 
 
-def to_model_range(images: np.ndarray) -> torch.Tensor:
-    """N×H×W×C uint8 → N×C×H×W float32 in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
+def to_model_range(images: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """N×H×W×C uint8 (array or tensor) → N×C×H×W float32 in [-1, 1], on `device` (default: where it is; the CPU
+    for an array).
 
-
-class BatchSampler:
-    """Random batches with horizontal flips, from a seeded generator (resumable via get/set_state).
-
-    Flips follow PD's data pipeline; on digits they are off (a flipped digit is another glyph) — the caller
-    decides with `flip`.
+    The uint8 batch moves first and becomes float there: a quarter of the bytes cross to the GPU and the float copy
+    exists only on the device. Batches come from `ImageSplit.gather`; a whole in-memory array still works (the
+    conversion is the same, value for value). Anything but uint8 is refused: a float array could be in [0, 1],
+    [-1, 1] or [0, 255], and guessing wrong trains on plausible-looking garbage.
     """
-
-    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None, batch_size: int, *, seed: int, flip: bool):
-        self.data, self.labels, self.batch_size, self.flip = data, labels, batch_size, flip
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        idx = torch.randint(0, self.data.shape[0], (self.batch_size,), generator=self.generator)
-        x = self.data[idx]
-        if self.flip:
-            mask = torch.rand(self.batch_size, generator=self.generator) < 0.5
-            x = torch.where(mask[:, None, None, None], x.flip(-1), x)
-        return x, (self.labels[idx] if self.labels is not None else None)
+    if isinstance(images, torch.Tensor):
+        x = images
+    else:
+        arr = np.ascontiguousarray(images)
+        with warnings.catch_warnings():
+            # a read-only memory map: the uint8 tensor is only read (the float conversion below makes the copy)
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.from_numpy(arr)
+    if x.dtype != torch.uint8:
+        raise TypeError(f"to_model_range needs uint8 images (0..255), got {x.dtype}")
+    if x.ndim != 4:
+        raise ValueError(f"to_model_range needs N×H×W×C images, got shape {tuple(x.shape)}")
+    if device is not None:
+        x = x.to(device, non_blocking=x.device.type == "cpu" and x.is_pinned())
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0

@@ -27,6 +27,9 @@ def snr_weight(kind: str, lam: torch.Tensor) -> torch.Tensor:
 def weighted_x_mse(
     x0_pred: torch.Tensor, x0_target: torch.Tensor, lam: torch.Tensor, weighting: str
 ) -> torch.Tensor:
-    """Batch mean of w(λ) · per-sample mean-over-pixels squared error on x̂₀ (never clipped)."""
-    per_sample = (x0_pred - x0_target).pow(2).flatten(1).mean(dim=1)
-    return (snr_weight(weighting, lam) * per_sample).mean()
+    """Per-sample w(λ) · mean-over-pixels squared error on x̂₀ (never clipped), shape (B,).
+
+    Every training loss of the suite returns per-sample values: the training engine sums them over the global
+    batch however the batch is split across processes and micro-batches (sferd/methods/training.py)."""
+    per_sample = (x0_pred.float() - x0_target.float()).pow(2).flatten(1).mean(dim=1)
+    return snr_weight(weighting, lam) * per_sample

@@ -32,6 +32,8 @@ from typing import Callable
 
 import torch
 
+from sferd.methods.draws import Draws, GeneratorDraws
+
 # model(z_t, t, y=None) -> ε̂; LatentMLP has this signature, and so can any exact/analytic predictor in tests.
 EpsModel = Callable[..., torch.Tensor]
 
@@ -114,18 +116,13 @@ class LatentDiffusion:
         return (self._coef(self.sqrt_alphas_cumprod, t, z0) * z0
                 + self._coef(self.sqrt_one_minus_alphas_cumprod, t, z0) * noise)
 
-    def loss(self, model: EpsModel, z0: torch.Tensor, *, generator: torch.Generator,
-             y: torch.Tensor | None = None) -> torch.Tensor:
-        """PDAE's latent objective: mean |ε̂(z_t, t, y) − ε| with t ~ U{0 … T−1}, ε ~ N(0, I).
-
-        t and ε come from ``generator`` (drawn on its device, then moved), so a resumed run that restores the
-        generator state draws the same batches whatever device the model is on.
-        """
-        b = z0.shape[0]
-        t = torch.randint(0, self.num_steps, (b,), generator=generator, device=generator.device).to(z0.device)
-        noise = torch.randn(z0.shape, generator=generator, device=generator.device, dtype=z0.dtype).to(z0.device)
+    def loss(self, model: EpsModel, z0: torch.Tensor, *, draws: Draws, y: torch.Tensor | None = None) -> torch.Tensor:
+        """PDAE's latent objective per sample, mean over dimensions of |ε̂(z_t, t, y) − ε| (B,), with
+        t ~ U{0 … T−1} and ε ~ N(0, I) from each sample's draws (the training engine sums over the batch)."""
+        t = draws.randint(0, self.num_steps).to(z0.device)
+        noise = draws.randn(*z0.shape[1:]).to(device=z0.device, dtype=z0.dtype)
         eps_hat = model(self.q_sample(z0, t, noise), t, y=y)
-        return (eps_hat - noise).abs().mean()
+        return (eps_hat.float() - noise.float()).abs().flatten(1).mean(dim=1)
 
     def timesteps(self, steps: int) -> list[int]:
         """The DDIM subsequence, in visiting order (descending): round(k·(T−1)/(S−1)), k = S−1 … 0.
@@ -175,11 +172,13 @@ def train_prior_step(model: torch.nn.Module, diffusion: LatentDiffusion, batch_z
     """One optimiser update of the prior on a batch of normalised codes; returns the batch loss (before the update).
 
     The caller owns the optimiser (PDAE: AdamW lr 1e-3, weight decay 0.01), the batch (512) and the EMA (0.9999).
-    Gradient clipping at norm 1 is the project's training-loop default, kept here so both paths agree.
+    Gradient clipping at norm 1 is the project's training-loop default, kept here so both paths agree. (The prior
+    stage trains through the engine in sferd/methods/training.py; this one-batch form serves tests and notebooks.)
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = diffusion.loss(model, batch_z_n, generator=generator, y=y)
+    loss = diffusion.loss(model, batch_z_n, draws=GeneratorDraws(generator, batch_z_n.shape[0], batch_z_n.device),
+                          y=y).mean()
     loss.backward()
     if grad_clip_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)

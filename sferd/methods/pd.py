@@ -18,6 +18,7 @@ import torch
 from sferd.diffusion.denoiser import Denoiser
 from sferd.diffusion.losses import weighted_x_mse
 from sferd.diffusion.schedule import alpha_sigma, broadcast, logsnr, sigma_ratio
+from sferd.methods.draws import Draws
 
 
 @torch.no_grad()
@@ -54,13 +55,12 @@ def pd_target(
 
 
 def sample_training_point(
-    x0: torch.Tensor, num_steps: int, generator: torch.Generator
+    x0: torch.Tensor, num_steps: int, draws: Draws
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw i ~ U{1..N}, ε ~ N(0, I) and return (i, t, x_t) on the student's discrete grid."""
-    b = x0.shape[0]
-    i = torch.randint(1, num_steps + 1, (b,), generator=generator)
+    """Draw i ~ U{1..N}, ε ~ N(0, I) per sample and return (i, t, x_t) on the student's discrete grid."""
+    i = draws.randint(1, num_steps + 1)
     t = i.to(torch.float32) / num_steps
-    eps = torch.randn(x0.shape, generator=generator)
+    eps = draws.randn(*x0.shape[1:])
     alpha, sigma = alpha_sigma(logsnr(t))
     return i, t, broadcast(alpha, x0) * x0 + broadcast(sigma, x0) * eps
 
@@ -70,13 +70,13 @@ def pd_loss(
     teacher: Denoiser,
     x0: torch.Tensor,
     num_steps: int,
-    generator: torch.Generator,
+    draws: Draws,
     *,
     weighting: str = "truncated_snr",
     y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One PD training loss on a batch of clean data x0 (student x̂₀ unclipped, weight applied once)."""
-    i, t, x_t = sample_training_point(x0, num_steps, generator)
+    """Per-sample PD training loss (B,) on clean data x0 (student x̂₀ unclipped, weight applied once)."""
+    i, t, x_t = sample_training_point(x0, num_steps, draws)
     target = pd_target(teacher, x_t, i, num_steps, y)
     x0_student, _ = student(x_t, t, y)
     return weighted_x_mse(x0_student, target, logsnr(t), weighting)

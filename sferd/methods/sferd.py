@@ -21,6 +21,7 @@ from sferd.diffusion.losses import weighted_x_mse
 from sferd.diffusion.parameterization import clip_x0, to_x0_eps
 from sferd.diffusion.sampler import ddim_step
 from sferd.diffusion.schedule import alpha_sigma, broadcast, logsnr, time_input
+from sferd.methods.draws import Draws
 from sferd.methods.pd import pd_target, sample_training_point
 
 
@@ -58,12 +59,13 @@ def predictor_loss(
     parameterization: str,
     x0: torch.Tensor,
     num_steps: int,
-    generator: torch.Generator,
+    draws: Draws,
     weighting: str,
     y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """max(SNR, 1)·‖x̂₀^θ + c_t G − x̃‖² on the student's grid, x̃ the PD target of the (guided) teacher T_2K."""
-    i, t, x_t = sample_training_point(x0, num_steps, generator)
+    """Per-sample max(SNR, 1)·‖x̂₀^θ + c_t G − x̃‖² (B,) on the student's grid, x̃ the PD target of the (guided)
+    teacher T_2K."""
+    i, t, x_t = sample_training_point(x0, num_steps, draws)
     target = pd_target(teacher, x_t, i, num_steps, y)
     z = encoder(x0)  # the clean training image, as the data pipeline served it (flip included)
     x0_shifted, _ = shifted_x0(predictor, parameterization, x_t, t, y, z)

@@ -12,19 +12,20 @@ import torch
 from sferd.diffusion.denoiser import NetworkDenoiser
 from sferd.diffusion.losses import weighted_x_mse
 from sferd.diffusion.schedule import alpha_sigma, broadcast, logsnr
+from sferd.methods.draws import Draws
 
 
 def teacher_loss(
     denoiser: NetworkDenoiser,
     x0: torch.Tensor,
-    generator: torch.Generator,
+    draws: Draws,
     *,
     weighting: str,
     y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    b = x0.shape[0]
-    t = torch.rand(b, generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
+    """Per-sample loss (B,); t and ε from each sample's draws."""
+    t = draws.rand()
+    eps = draws.randn(*x0.shape[1:])
     lam = logsnr(t)
     alpha, sigma = alpha_sigma(lam)
     x_t = broadcast(alpha, x0) * x0 + broadcast(sigma, x0) * eps

@@ -1,4 +1,5 @@
-"""torch-fidelity feature extractor "digits-cnn": a trained DigitsCNN checkpoint behind torch-fidelity's API.
+"""The feature extractors sferd registers with torch-fidelity: "digits-cnn" (a trained DigitsCNN checkpoint behind
+torch-fidelity's API) and "sferd-inception-v3-compat" (torch-fidelity's own InceptionV3, fed verified tensors).
 
 Contract of torch-fidelity 0.4.0 that this class follows (see torch_fidelity/utils.py, registry.py):
 - the registry stores the class; `create_feature_extractor` instantiates it as
@@ -7,20 +8,30 @@ Contract of torch-fidelity 0.4.0 that this class follows (see torch_fidelity/uti
 - `forward` receives uint8 B x 3 x H x W batches and must return a tuple with one tensor per requested feature,
   in the order of `features_list` (`convert_features_tuple_to_dict` zips them and checks `type(...) is tuple`);
 - `register_feature_extractor` raises on a name that is already registered, hence the guard below.
+
+Both take `feature_extractor_weights_path` as a `FeatureWeights` (sferd.metrics.weights): weights read once, whose
+SHA-256 and weights_only load apply to the very bytes the extractor is built from. torch-fidelity's stock
+"inception-v3-compat" would instead open the path again with `torch.load(weights_only=False)`.
 """
 
 from __future__ import annotations
 
+import io
 import os
 
 import torch
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from sferd.metrics.fid import file_sha256  # noqa: F401  (re-exported: part of this module's API)
-from sferd.metrics.keys import EXTRACTOR_DIGITS_CNN
-from sferd.nn.digits_cnn import load_digits_cnn, save_digits_cnn, to_model_input  # noqa: F401  (re-exported)
+from sferd.metrics.keys import EXTRACTOR_DIGITS_CNN, EXTRACTOR_INCEPTION
+from sferd.metrics.weights import FeatureWeights, load_feature_weights
+from sferd.nn.digits_cnn import digits_cnn_from_checkpoint, to_model_input
+
+# Registry name of the verified Inception: the network and its features are torch-fidelity's "inception-v3-compat"
+# (that is the name metrics files record); only the way the weights arrive differs.
+EXTRACTOR_INCEPTION_VERIFIED = "sferd-inception-v3-compat"
 
 FEATURE_POOL = "pool"
 FEATURE_LOGITS = "logits"
@@ -40,22 +51,23 @@ class FeatureExtractorDigitsCNN(FeatureExtractorBase):
         **kwargs,
     ):
         super().__init__(name, features_list)
+        weights = feature_extractor_weights_path
         vassert(
-            feature_extractor_weights_path is not None,
+            weights is not None,
             f"Feature extractor {name!r} needs feature_extractor_weights_path: a checkpoint written by "
             f"sferd.nn.digits_cnn.save_digits_cnn (nothing can be downloaded for it)",
         )
-        vassert(
-            os.path.isfile(feature_extractor_weights_path),
-            f"Feature extractor {name!r}: weights file {feature_extractor_weights_path} does not exist",
-        )
+        if not isinstance(weights, FeatureWeights):  # a path, as torch-fidelity's own callers pass it
+            vassert(os.path.isfile(weights), f"Feature extractor {name!r}: weights file {weights} does not exist")
+            weights = load_feature_weights(EXTRACTOR_DIGITS_CNN, weights)
+        vassert(weights.extractor == EXTRACTOR_DIGITS_CNN, f"{weights!r} are not digits-cnn weights")
         # Own dtype table: torch-fidelity 0.4.0's helpers.text_to_dtype maps "float64" to torch.float32.
         vassert(
             feature_extractor_internal_dtype in _DTYPES,
             f"Unsupported feature_extractor_internal_dtype {feature_extractor_internal_dtype!r}",
         )
         self.internal_dtype = _DTYPES[feature_extractor_internal_dtype]
-        self.net = load_digits_cnn(feature_extractor_weights_path).to(self.internal_dtype)
+        self.net = digits_cnn_from_checkpoint(weights.state, source=weights.path).to(self.internal_dtype)
         self.resolution = self.net.resolution
         self.requires_grad_(False)
         self.eval()
@@ -98,21 +110,55 @@ class FeatureExtractorDigitsCNN(FeatureExtractorBase):
         return tuple(out[name] for name in self.features_list)
 
 
-def register_digits_extractor() -> str:
-    """Register "digits-cnn" with torch-fidelity once per process (repeat calls are no-ops); return the name."""
-    existing = FEATURE_EXTRACTORS_REGISTRY.get(EXTRACTOR_DIGITS_CNN)
-    if existing is FeatureExtractorDigitsCNN:
-        return EXTRACTOR_DIGITS_CNN
-    if existing is not None:
-        same_origin = (existing.__module__, existing.__qualname__) == (
-            FeatureExtractorDigitsCNN.__module__,
-            FeatureExtractorDigitsCNN.__qualname__,
+class VerifiedInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's InceptionV3 (same layers, same forward, same features) built from a `FeatureWeights`.
+
+    The parent's constructor can only take weights through `torch.load(feature_extractor_weights_path,
+    weights_only=False)`. It is handed an in-memory buffer that `torch.save` wrote from the verified name → tensor
+    dict: its full unpickler then reads bytes this process produced from plain tensors, never the user's file,
+    and the path is not opened again (nothing on disk can change in between). A path is refused outright.
+    """
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        weights = feature_extractor_weights_path
+        vassert(
+            isinstance(weights, FeatureWeights) and weights.extractor == EXTRACTOR_INCEPTION,
+            f"Feature extractor {name!r} takes inception-v3-compat weights loaded by "
+            f"sferd.metrics.weights.load_feature_weights, not {weights!r} (a path would be unpickled in full)",
         )
+        buf = io.BytesIO()
+        torch.save(dict(weights.state), buf)
+        buf.seek(0)
+        super().__init__(name, features_list, feature_extractor_weights_path=buf, **kwargs)
+
+
+def _register(name: str, cls: type) -> str:
+    """Register `cls` under `name` once per process (repeat calls are no-ops); return the name."""
+    existing = FEATURE_EXTRACTORS_REGISTRY.get(name)
+    if existing is cls:
+        return name
+    if existing is not None:
+        same_origin = (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__)
         if not same_origin:
-            raise RuntimeError(f"torch-fidelity extractor name {EXTRACTOR_DIGITS_CNN!r} is taken by {existing!r}")
+            raise RuntimeError(f"torch-fidelity extractor name {name!r} is taken by {existing!r}")
         # This module was re-imported (importlib.reload, test isolation): point the entry at the live class.
         # register_feature_extractor refuses existing names, so the registry dict is updated directly.
-        FEATURE_EXTRACTORS_REGISTRY[EXTRACTOR_DIGITS_CNN] = FeatureExtractorDigitsCNN
-        return EXTRACTOR_DIGITS_CNN
-    register_feature_extractor(EXTRACTOR_DIGITS_CNN, FeatureExtractorDigitsCNN)
-    return EXTRACTOR_DIGITS_CNN
+        FEATURE_EXTRACTORS_REGISTRY[name] = cls
+        return name
+    register_feature_extractor(name, cls)
+    return name
+
+
+def register_digits_extractor() -> str:
+    """Register "digits-cnn" with torch-fidelity once per process (repeat calls are no-ops); return the name."""
+    return _register(EXTRACTOR_DIGITS_CNN, FeatureExtractorDigitsCNN)
+
+
+def registered_name(feature_extractor: str) -> str:
+    """The torch-fidelity registry name sferd measures `feature_extractor` ("digits-cnn", "inception-v3-compat")
+    with, registered on first use. Both take `FeatureWeights` as `feature_extractor_weights_path`."""
+    if feature_extractor == EXTRACTOR_DIGITS_CNN:
+        return register_digits_extractor()
+    if feature_extractor == EXTRACTOR_INCEPTION:
+        return _register(EXTRACTOR_INCEPTION_VERIFIED, VerifiedInceptionV3)
+    raise ValueError(f"no sferd extractor for {feature_extractor!r}")

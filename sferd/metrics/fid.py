@@ -4,30 +4,32 @@ torch-fidelity is imported inside the functions that need it: importing it costs
 torchvision), and the CLI imports this package without computing any FID.
 
 Weights are never downloaded implicitly. A pipeline stage must be reproducible offline and must record the SHA-256
-of the weights that produced its number, so both extractors need a local file, checked by
-`resolve_feature_extractor_weights` before any expensive work (stages call it before sampling).
+of the weights that produced its number, so both extractors need a local file. `load_feature_weights`
+(sferd.metrics.weights) reads it once, before any expensive work; every function here takes that `FeatureWeights`
+(or a path, which it then reads and verifies itself) as `weights_path`, and measures with exactly those bytes.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from importlib import metadata
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from sferd.metrics import keys
+from sferd.metrics.weights import (  # noqa: F401  (FeatureExtractorWeightsError, SUPPORTED_EXTRACTORS: re-exported)
+    SUPPORTED_EXTRACTORS,
+    FeatureExtractorWeightsError,
+    FeatureWeights,
+    as_feature_weights,
+    load_feature_weights,
+)
 
-SUPPORTED_EXTRACTORS = (keys.EXTRACTOR_DIGITS_CNN, keys.EXTRACTOR_INCEPTION)
-
-
-class FeatureExtractorWeightsError(FileNotFoundError):
-    """The weights a FID feature extractor needs are not available locally."""
+Weights = FeatureWeights | str | os.PathLike | None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -87,97 +89,24 @@ def _as_dataset(images: np.ndarray | NpzImages, what: str) -> NpzImages:
 # ------------------------------------------------------------------------------------------------ weights
 
 
-def _inception_url() -> str:
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-
-    return URL_INCEPTION_V3
-
-
-def _fetch_hint(url: str, dest: str) -> str:
-    return (
-        f"Fetch {url} once (on a machine with network) and place it at {dest}, e.g.\n"
-        f"    curl -L --create-dirs -o '{dest}' '{url}'\n"
-        f"or pass a local copy of that file as the feature-extractor weights path."
-    )
-
-
 def resolve_feature_extractor_weights(
-    feature_extractor: str, weights_path: str | os.PathLike | None, *, cache_root: str | os.PathLike | None = None
+    feature_extractor: str, weights_path: Weights, *, cache_root: str | os.PathLike | None = None
 ) -> str:
-    """Return the local weights file the extractor will load, or raise FeatureExtractorWeightsError.
+    """The local weights file the extractor will use, checked now (read, hashed, loaded with weights_only=True),
+    or FeatureExtractorWeightsError saying what to fetch and where (see sferd.metrics.weights.locate_weights).
 
-    - "digits-cnn": `weights_path` is required (the features stage's `save_digits_cnn` checkpoint) and is opened
-      once here, so a wrong or corrupt file fails now rather than after sampling.
-    - "inception-v3-compat": `weights_path` if given, else the file torch-fidelity would download, looked up in
-      `cache_root` (default: torch hub's `checkpoints` directory, where `torch.hub.load_state_dict_from_url`
-      caches it). Handing torch-fidelity an explicit path keeps it away from its download branch.
+    A pre-flight check only: the functions below verify the bytes they measure with again when given a path.
+    Callers that record the weights' hash should hold on to `load_feature_weights(...)` instead and pass it on,
+    so the recorded hash and the measurement share one read of the file.
     """
-    if feature_extractor not in SUPPORTED_EXTRACTORS:
-        raise ValueError(f"unknown FID feature extractor {feature_extractor!r}; supported: {SUPPORTED_EXTRACTORS}")
-
-    if feature_extractor == keys.EXTRACTOR_DIGITS_CNN:
-        if weights_path is None:
-            raise FeatureExtractorWeightsError(
-                "FID feature extractor 'digits-cnn' needs weights_path: the checkpoint the quickstart's features "
-                "stage writes with save_digits_cnn (results/stages/<pipeline>-features/model.pt). Run that stage "
-                "first; there is nothing to download for this extractor."
-            )
-        path = os.fspath(weights_path)
-        if not os.path.isfile(path):
-            raise FeatureExtractorWeightsError(
-                f"FID feature extractor 'digits-cnn': weights file {path} does not exist (it is written by the "
-                f"features stage with save_digits_cnn)."
-            )
-        from sferd.nn.digits_cnn import load_digits_cnn
-
-        load_digits_cnn(path)  # validates format and architecture; a few milliseconds
-        return path
-
-    url = _inception_url()
-    if weights_path is not None:
-        path = os.fspath(weights_path)
-        if not os.path.isfile(path):
-            raise FeatureExtractorWeightsError(
-                f"FID feature extractor 'inception-v3-compat': weights file {path} does not exist.\n"
-                + _fetch_hint(url, path)
-            )
-        return _tensors_only(path)
-    root = os.fspath(cache_root) if cache_root is not None else os.path.join(torch.hub.get_dir(), "checkpoints")
-    path = os.path.join(root, os.path.basename(urlparse(url).path))
-    if not os.path.isfile(path):
-        raise FeatureExtractorWeightsError(
-            "FID feature extractor 'inception-v3-compat' has no local weights, and sferd does not let "
-            "torch-fidelity download them mid-pipeline (offline machines; the weights' SHA-256 goes into the "
-            "metrics).\n" + _fetch_hint(url, path)
-        )
-    return _tensors_only(path)
+    return as_feature_weights(feature_extractor, weights_path, cache_root=cache_root).path
 
 
-@functools.lru_cache(maxsize=8)
-def _tensors_only_cached(path: str, size: int, mtime_ns: int) -> None:
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means: not a plain tensor file
-        raise FeatureExtractorWeightsError(
-            f"Inception weights {path} do not load with torch.load(weights_only=True) ({type(e).__name__}); the "
-            "suite hands only plain tensor files to torch-fidelity (which unpickles them fully). Use the official "
-            "pt_inception-2015-12-05 file."
-        ) from None
+def _extractor(feature_extractor: str) -> str:
+    """The torch-fidelity registry name to measure `feature_extractor` with (registered on first use)."""
+    from sferd.metrics.extractor import registered_name
 
-
-def _tensors_only(path: str) -> str:
-    """torch-fidelity reads Inception weights with weights_only=False; check first that the file holds nothing but
-    tensors, so no user-supplied file can run pickled code (conventions: weights_only everywhere)."""
-    st = os.stat(path)
-    _tensors_only_cached(os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    return path
-
-
-def _prepare_extractor(feature_extractor: str) -> None:
-    if feature_extractor == keys.EXTRACTOR_DIGITS_CNN:
-        from sferd.metrics.extractor import register_digits_extractor
-
-        register_digits_extractor()
+    return registered_name(feature_extractor)
 
 
 # ------------------------------------------------------------------------------------------------ FID
@@ -188,27 +117,27 @@ def compute_fid(
     images_b: np.ndarray | NpzImages,
     *,
     feature_extractor: str,
-    weights_path: str | os.PathLike | None,
+    weights_path: Weights,
     cache_root: str | os.PathLike | None = None,
     batch_size: int = 64,
 ) -> float:
     """FID between two uint8 N x H x W x C image sets, computed by `torch_fidelity.calculate_metrics`.
 
     `cache_root` is where stock (Inception) weights are looked up when `weights_path` is None; see
-    `resolve_feature_extractor_weights`. torch-fidelity's own feature cache is off: its keys are input names, not
+    `sferd.metrics.weights.locate_weights`. torch-fidelity's own feature cache is off: its keys are input names, not
     contents, so a stale entry could silently stand in for new samples.
     """
-    weights = resolve_feature_extractor_weights(feature_extractor, weights_path, cache_root=cache_root)
+    weights = as_feature_weights(feature_extractor, weights_path, cache_root=cache_root)
     ds_a, ds_b = _as_dataset(images_a, "images_a"), _as_dataset(images_b, "images_b")
-    _prepare_extractor(feature_extractor)
+    name = _extractor(feature_extractor)
     import torch_fidelity
 
     metrics = torch_fidelity.calculate_metrics(
         input1=ds_a,
         input2=ds_b,
         fid=True,
-        feature_extractor=feature_extractor,
-        feature_extractor_weights_path=weights,
+        feature_extractor=name,
+        feature_extractor_weights_path=weights,  # verified tensors, not a path (sferd.metrics.extractor)
         # torch.compile may change the features numerically (torch-fidelity's own warning) and costs start-up.
         feature_extractor_compile=False,
         cuda=torch.cuda.is_available(),
@@ -224,10 +153,9 @@ def compute_fid(
 def metric_layers(feature_extractor: str, metrics) -> dict[str, str]:
     """Metric option ("fid", "isc", "prc") → the feature layer torch-fidelity uses for it with this extractor (its
     own per-extractor default: Inception "2048"/"logits_unbiased", digits-cnn "pool"/"logits")."""
-    _prepare_extractor(feature_extractor)
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-    cls = FEATURE_EXTRACTORS_REGISTRY[feature_extractor]
+    cls = FEATURE_EXTRACTORS_REGISTRY[_extractor(feature_extractor)]
     return {m: cls.get_default_feature_layer_for_metric(m) for m in metrics}
 
 
@@ -236,7 +164,7 @@ def extract_layers(
     layers,
     *,
     feature_extractor: str,
-    weights_path: str | os.PathLike | None,
+    weights_path: Weights,
     cache_root: str | os.PathLike | None = None,
     batch_size: int = 64,
 ) -> dict[str, np.ndarray]:
@@ -245,16 +173,14 @@ def extract_layers(
     Built from torch-fidelity's own helpers (`create_feature_extractor`, `get_featuresdict_from_dataset`), the
     route `calculate_metrics` takes, so metrics computed from these features differ from it only in bookkeeping.
     """
-    weights = resolve_feature_extractor_weights(feature_extractor, weights_path, cache_root=cache_root)
+    weights = as_feature_weights(feature_extractor, weights_path, cache_root=cache_root)
     ds = _as_dataset(images, "images")
-    _prepare_extractor(feature_extractor)
+    name = _extractor(feature_extractor)
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
     cuda = torch.cuda.is_available()
     wanted = list(dict.fromkeys(layers))  # FID and PRC share a layer: extract it once
-    extractor = create_feature_extractor(
-        feature_extractor, wanted, cuda=cuda, feature_extractor_weights_path=weights, verbose=False
-    )
+    extractor = create_feature_extractor(name, wanted, cuda=cuda, feature_extractor_weights_path=weights, verbose=False)
     feats = get_featuresdict_from_dataset(ds, extractor, int(batch_size), cuda, True, False)
     return {layer: feats[layer].numpy() for layer in wanted}
 
@@ -263,7 +189,7 @@ def extract_features(
     images: np.ndarray | NpzImages,
     *,
     feature_extractor: str,
-    weights_path: str | os.PathLike | None,
+    weights_path: Weights,
     cache_root: str | os.PathLike | None = None,
     batch_size: int = 64,
 ) -> np.ndarray:
@@ -278,7 +204,7 @@ def reference_statistics(
     images: np.ndarray | NpzImages,
     *,
     feature_extractor: str,
-    weights_path: str | os.PathLike | None,
+    weights_path: Weights,
     cache_root: str | os.PathLike | None = None,
     batch_size: int = 64,
 ) -> dict[str, np.ndarray]:
@@ -305,7 +231,7 @@ def fid_against_statistics(
     reference: dict[str, np.ndarray],
     *,
     feature_extractor: str,
-    weights_path: str | os.PathLike | None,
+    weights_path: Weights,
     cache_root: str | os.PathLike | None = None,
     batch_size: int = 64,
 ) -> float:
@@ -358,7 +284,7 @@ def measure_samples(
     reference: dict[str, np.ndarray],
     *,
     feature_extractor: str,
-    weights_path: str | os.PathLike | None,
+    weights_path: Weights,
     extra: dict[str, dict[str, int]] | None = None,
     reference_images: np.ndarray | NpzImages | None = None,
     cache_root: str | os.PathLike | None = None,
@@ -375,8 +301,9 @@ def measure_samples(
     if unknown:
         raise ValueError(f"unknown extra metrics {unknown}")
     layers = metric_layers(feature_extractor, [keys.METRIC_FID, *extra])
-    common = {"feature_extractor": feature_extractor, "weights_path": weights_path, "cache_root": cache_root,
-              "batch_size": batch_size}
+    # one read of the weights for samples and reference images alike
+    weights = as_feature_weights(feature_extractor, weights_path, cache_root=cache_root)
+    common = {"feature_extractor": feature_extractor, "weights_path": weights, "batch_size": batch_size}
     feats = extract_layers(images, layers.values(), **common)
     out = {keys.FID: _fid_from_features(feats[layers[keys.METRIC_FID]], reference)}
     if keys.METRIC_ISC in extra:
@@ -455,12 +382,12 @@ def torch_fidelity_version() -> str:
 
 
 def fid_provenance(
-    *, feature_extractor: str, weights_path: str | os.PathLike | None, cache_root: str | os.PathLike | None = None
+    *, feature_extractor: str, weights_path: Weights, cache_root: str | os.PathLike | None = None
 ) -> dict[str, Any]:
     """What produced an FID number: implementation version, extractor name and the hash of its weights."""
-    weights = resolve_feature_extractor_weights(feature_extractor, weights_path, cache_root=cache_root)
+    weights = as_feature_weights(feature_extractor, weights_path, cache_root=cache_root)
     return {
         keys.FID_IMPL: f"torch-fidelity=={torch_fidelity_version()}",
         keys.FEATURE_EXTRACTOR: feature_extractor,
-        keys.WEIGHTS_SHA256: file_sha256(weights),
+        keys.WEIGHTS_SHA256: weights.sha256,  # of the bytes the measurement loads, when given the same FeatureWeights
     }

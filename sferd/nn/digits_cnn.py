@@ -117,19 +117,27 @@ def save_digits_cnn(path: str | os.PathLike, model: DigitsCNN, *, config: dict[s
     torch_save(path, {"state_dict": state, "config": dict(config)})  # atomic: never a half-written file
 
 
-def load_digits_cnn(path: str | os.PathLike) -> DigitsCNN:
-    """Rebuild a DigitsCNN from a `save_digits_cnn` file (CPU, eval mode, no gradients)."""
-    # weights_only=True: a checkpoint is data, loading it must not be able to execute code.
-    blob = torch.load(os.fspath(path), weights_only=True, map_location="cpu")
+def digits_cnn_from_checkpoint(blob: Any, *, source: str | os.PathLike = "checkpoint") -> DigitsCNN:
+    """Rebuild a DigitsCNN from an already loaded `save_digits_cnn` checkpoint (CPU, eval mode, no gradients).
+
+    Separate from reading the file so that a caller who verified the file's bytes (sferd.metrics.weights) builds
+    the network from exactly those bytes instead of opening the path again."""
     if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
-        raise ValueError(f"{path}: not a DigitsCNN checkpoint (expected keys 'state_dict' and 'config')")
+        raise ValueError(f"{source}: not a DigitsCNN checkpoint (expected keys 'state_dict' and 'config')")
     config = blob["config"]
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
-        raise ValueError(f"{path}: checkpoint config lacks {missing}")
+        raise ValueError(f"{source}: checkpoint config lacks {missing}")
     model = DigitsCNN(**{k: int(config[k]) for k in CONFIG_KEYS},
                       **{k: int(config.get(k, default)) for k, default in OPTIONAL_CONFIG.items()})
     model.load_state_dict(blob["state_dict"])
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+def load_digits_cnn(path: str | os.PathLike) -> DigitsCNN:
+    """Rebuild a DigitsCNN from a `save_digits_cnn` file (CPU, eval mode, no gradients)."""
+    # weights_only=True: a checkpoint is data, loading it must not be able to execute code.
+    blob = torch.load(os.fspath(path), weights_only=True, map_location="cpu")
+    return digits_cnn_from_checkpoint(blob, source=path)

@@ -42,6 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sferd.nn.dropout import SampleDropout, number_dropout_layers
+
 BlockKey = tuple[str, int, int]  # (part, resolution, index among that part's attention blocks at that resolution)
 PARTS: tuple[str, ...] = ("encoder", "middle", "decoder")
 
@@ -268,8 +270,9 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_channels, 2 * out_channels)
         self.norm2 = _group_norm(groups, out_channels)
+        # keyed per sample, so the mask does not depend on the batch split (sferd/nn/dropout.py);
         # nn.Identity instead of Dropout(0): no per-call dropout dispatch for students/teachers without dropout.
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = SampleDropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
@@ -427,6 +430,7 @@ class UNet(nn.Module):
             elif isinstance(module, AttentionBlock):
                 _zero_(module.proj)
         _zero_(self.out[-1])
+        number_dropout_layers(self)
 
     # -- pieces ----------------------------------------------------------------------------------------
 

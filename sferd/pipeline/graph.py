@@ -12,7 +12,7 @@ writes (deterministic, derived from the stage name), and an estimate of its work
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sferd.metrics import keys
@@ -77,7 +77,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     # ---- data
     data_name = f"{p}-data"
     data_dir = stage_dir(data_name)
-    train_npz, heldout_npz = f"{data_dir}/train.npz", f"{data_dir}/heldout.npz"
+    train_split, heldout_split = f"{data_dir}/train", f"{data_dir}/heldout"  # split folders (sferd/data/store.py)
     n_train_hint = 1797  # only used by cost estimates for digits
     stages.append(
         Stage(
@@ -109,7 +109,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                     "seed": spec.seed,
                     "dataset": ds,
                     "network": f.model_dump(mode="json"),
-                    "inputs": {"train": train_npz, "heldout": heldout_npz},
+                    "inputs": {"train": train_split, "heldout": heldout_split},
                     "outputs": {"dir": feat_dir, "metrics": metrics_path(feat_name)},
                 },
                 deps=(data_dir,),
@@ -155,7 +155,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                     "dataset": ds,
                     "model": teacher_model,
                     "training": t.model_dump(mode="json", exclude={"model", "kind"}),
-                    "inputs": {"train": train_npz},
+                    "inputs": {"train": train_split},
                     "outputs": {"dir": teacher_dir, "metrics": metrics_path(teacher_name)},
                 },
                 deps=(data_dir,),
@@ -190,7 +190,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
         if key not in known:
             known[key] = method.name
             for seed in spec.chain_seeds:
-                stages.extend(_chain(spec, method, guidance, chain_start(method, seed), student_model, train_npz, seed))
+                stages.extend(_chain(spec, method, guidance, chain_start(method, seed), student_model, train_split, seed))
         chain_of[method.name] = known[key]
 
     def student_dir(method, steps: int, seed: int) -> str:
@@ -234,7 +234,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                             "loss_weighting": t.loss_weighting,
                             "encoder": encoder,
                             "predictor": pred.model_dump(mode="json"),
-                            "inputs": {"train": train_npz},
+                            "inputs": {"train": train_split},
                             "outputs": {"dir": pred_dir, "metrics": metrics_path(pred_name)},
                         },
                         deps=(data_dir, s_dir, t_dir),
@@ -255,7 +255,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                             "predictor": {"checkpoint": f"{pred_dir}/predictor.pt", "encoder": encoder},
                             "num_classes": student_model["num_classes"],
                             "prior": prior.model_dump(mode="json"),
-                            "inputs": {"train": train_npz},
+                            "inputs": {"train": train_split},
                             "outputs": {"dir": prior_dir, "metrics": metrics_path(prior_name)},
                         },
                         deps=(data_dir, pred_dir),
@@ -274,7 +274,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     # reference statistics once, not per FID stage (the reference is the whole training set)
     ref_name = f"{p}-reference-stats"
     ref_dir = stage_dir(ref_name)
-    reference = {"name": f"{spec.dataset.id}-{ev.reference}", "path": train_npz}
+    reference = {"name": f"{spec.dataset.id}-{ev.reference}", "path": train_split}
     stages.append(
         Stage(
             name=ref_name,
@@ -361,7 +361,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     for cal in ev.calibration:
         if cal == "heldout":
             add_fid(f"{p}-heldout-fid", "heldout", "Held-out data (floor)", None,
-                    {"kind": "heldout", "path": heldout_npz}, (), 0)
+                    {"kind": "heldout", "path": heldout_split}, (), 0)
         else:
             add_fid(f"{p}-noise-fid", "noise", "Gaussian noise (ceiling)", None, {"kind": "noise"}, (), 0)
 
@@ -395,7 +395,26 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
             cost={},
         )
     )
-    return stages
+    return [with_training_log(s) for s in stages]
+
+
+TRAINING_KINDS = frozenset({"features", "teacher", "distill", "predictor", "prior"})
+
+
+def training_log_path(name: str) -> str:
+    return f"{METRICS_DIR}/{name}-train.tsv"
+
+
+def with_training_log(stage: Stage) -> Stage:
+    """A training stage also writes its per-update log (loss, gradient norm, lr, images/s), declared as a DVC plot
+    beside its metrics: uncached and not a dependency of anything, since its timings differ on every run."""
+    if stage.kind not in TRAINING_KINDS:
+        return stage
+    log = training_log_path(stage.name)
+    params = {**stage.params, "outputs": {**stage.params["outputs"], "train_log": log}}
+    plot = (log, {"cache": False, "x": "update", "y": "loss", "template": "linear",
+                  "title": f"{stage.name}: training loss", "x_label": "update", "y_label": "loss"})
+    return replace(stage, params=params, plots=(*stage.plots, plot))
 
 
 def extra_metrics(ev: EvaluationSpec) -> dict[str, dict[str, int]]:
@@ -436,7 +455,7 @@ def _chain(
     guidance: dict[str, Any] | None,
     start: tuple[str, dict[str, Any]],
     student_model: dict[str, Any],
-    train_npz: str,
+    train_split: str,
     seed: int,
 ) -> list[Stage]:
     """The halvings of one chain from `start` (checkpoint folder and network of its first teacher)."""
@@ -477,7 +496,7 @@ def _chain(
                         "grad_clip_norm": method.grad_clip_norm,
                         "checkpoint_every_updates": method.checkpoint_every_updates,
                     },
-                    "inputs": {"train": train_npz},
+                    "inputs": {"train": train_split},
                     "outputs": {"dir": d, "metrics": metrics_path(name)},
                 },
                 deps=(stage_dir(f"{p}-data"), prev_dir),

@@ -30,6 +30,20 @@ def load_params(params_file: str, stage: str) -> dict:
     return doc[stage]
 
 
+# Stage kinds that run data-parallel under torchrun (the training engine, sharded FID sampling). The others are
+# short single-process jobs; under torchrun every rank would run them whole and race on their outputs.
+SHARDABLE = frozenset({"teacher", "distill", "predictor", "prior", "features", "fid", "fid_sferd"})
+
+
+def refuse_unshardable(kind: str | None) -> None:
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if kind not in SHARDABLE and world.strip() not in ("", "1"):
+        raise StageError(f"a {kind!r} stage runs in one process, but WORLD_SIZE={world}: run it without torchrun "
+                         "(`python -m sferd.pipeline.launch` starts torchrun only for stages that shard)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sferd.pipeline.run", description=__doc__.splitlines()[0])
     ap.add_argument("stage", help="stage name, e.g. digits-pd-s0004")
@@ -37,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params, args.stage)
+        refuse_unshardable(params.get("kind"))
         from sferd.pipeline.codedeps import code_fingerprint
 
         # part of the config every checkpoint and resumable state records (see code_fingerprint)

@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -63,6 +64,53 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk: a rename is only durable once what it points at is."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a folder in a temporary sibling; when the block ends normally its files are fsynced and it is renamed
+    to `path` (replacing an older folder there), otherwise it is removed. A reader never sees a partial folder:
+    only a complete new one, a complete old one or (for an instant while an old one is replaced) none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the finished folder private to its writer
+    done = False
+    try:
+        yield tmp
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                fsync_path(f)
+        fsync_path(tmp)
+        old = None
+        if path.exists():  # rename() cannot replace a non-empty folder: move the old one aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:  # put the old folder back rather than leave none
+                os.replace(old / path.name, path)
+                old.rmdir()
+            raise
+        fsync_path(path.parent)
+        done = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if not done:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def producer_of(path: str | Path) -> str:

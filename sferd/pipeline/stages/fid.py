@@ -5,7 +5,7 @@ floor; Gaussian noise images: the ceiling). Samples are saved as one .npz (uint8
 so FID can be recomputed with another implementation without resampling. Sample k uses seed
 `sample_seed_start + k` for its noise and class, so the set does not depend on batch size or sharding.
 Under torchrun each rank samples whole batches of the one-process batch list and rank 0 gathers them
-(sferd/pipeline/distributed.py): samples.npz is the same bytes for any number of processes.
+(sferd/util/distributed.py): samples.npz is the same bytes for any number of processes.
 The metrics file records which FID, on what, with which seeds — the number is meaningless without it — and
 on which machine (`"machine"`: torch, device, process count, precision, CPU threads; sferd/util/machine.py).
 When the spec asks for them, the same stage adds the Inception Score and precision/recall (torch-fidelity's
@@ -17,8 +17,10 @@ from __future__ import annotations
 import numpy as np
 
 from sferd.metrics import keys
-from sferd.util.artifacts import fresh_dir, read_npz, sha256_file, write_json, write_npz
-from sferd.pipeline.distributed import Launch, gather_to_main, launch, merge_shards, process_group, shard_slices
+from sferd.data.store import open_split, reading_the_map
+from sferd.util.artifacts import fresh_dir, write_json, write_npz
+from sferd.util.distributed import (Launch, gather_to_main, launch, merge_shards, process_group, shard_slices,
+                                    share_with_node_writers)
 from sferd.util.errors import StageError
 from sferd.util.machine import KEY as MACHINE, machine_record
 from sferd.pipeline.stages.common import load_model
@@ -43,12 +45,14 @@ def _reference_statistics(reference: dict, weights_sha256: str) -> dict:
 
 def _reference_images(reference: dict, ref_sha256: str) -> np.ndarray:
     """The reference images themselves (precision/recall compare against real-image features, not statistics),
-    checked to be the very file the reference statistics were computed from."""
+    checked to be the very split the reference statistics were computed from: its read-only memory map, read in
+    order by the feature extractor, never copied whole."""
     path = reference["path"]
-    if sha256_file(path) != ref_sha256:
+    split = open_split(path)
+    if split.sha256() != ref_sha256:
         raise StageError(f"{path} is not the reference set the statistics in {reference['stats_dir']} were computed "
                          f"from: re-run the reference-statistics stage")
-    return read_npz(path)["images"]
+    return split.images
 
 
 SAMPLED = ("model", "sferd")  # sources drawn from a model: the part a sharded launch splits across ranks
@@ -66,9 +70,11 @@ def _sample_model(params: dict, seeds: np.ndarray, label: str, make_sampler=None
     with process_group(proc):
         shard = _sample_shard(params, seeds, label, make_sampler, proc)
         shards = gather_to_main(proc, shard)
-    if shards is None:
+        merged = (merge_shards([{k: v.numpy() for k, v in s.items()} for s in shards], len(seeds))
+                  if shards is not None else None)
+        merged = share_with_node_writers(proc, merged)  # several nodes: every node's writer gets the samples
+    if merged is None:
         return None
-    merged = merge_shards([{k: v.numpy() for k, v in s.items()} for s in shards], len(seeds))
     return merged["images"], merged["labels"]
 
 
@@ -128,15 +134,16 @@ def _noise_images(seeds: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return to_uint8(per_sample_noise(seeds, shape).clamp(-1, 1))
 
 
-def _measuring_tools(params: dict) -> tuple[str, dict, dict]:
+def _measuring_tools(params: dict):
     """(extractor weights, FID provenance, reference statistics), checked before any sampling: a missing
-    extractor or stale statistics must not cost a sampling run."""
-    from sferd.metrics.fid import FeatureExtractorWeightsError, fid_provenance, resolve_feature_extractor_weights
+    extractor or stale statistics must not cost a sampling run. The weights are read once, here: the hash in the
+    provenance is that of the tensors `measure_samples` later measures with, whatever happens to the file."""
+    from sferd.metrics.fid import FeatureExtractorWeightsError, fid_provenance, load_feature_weights
 
     extractor = params["feature_extractor"]
     try:
-        weights = resolve_feature_extractor_weights(extractor, params["feature_weights"])
-        provenance = fid_provenance(feature_extractor=extractor, weights_path=weights)  # hashes the weights once
+        weights = load_feature_weights(extractor, params["feature_weights"])
+        provenance = fid_provenance(feature_extractor=extractor, weights_path=weights)
     except FeatureExtractorWeightsError as e:
         raise StageError(str(e)) from e
     return weights, provenance, _reference_statistics(params["reference"], provenance[keys.WEIGHTS_SHA256])
@@ -147,8 +154,9 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
     sampler; `extra_metrics(params)` adds method-specific cost keys. The spec's extra metrics (IS, precision/recall)
     arrive as `params["extra_metrics"]`, absent when only FID is measured.
 
-    Under torchrun (sferd/pipeline/distributed.py) every rank samples its share of a model's seeds; rank 0
-    alone checks the FID inputs, touches the outputs and measures. If its checks fail it exits before joining
+    Under torchrun (sferd/util/distributed.py) every rank samples its share of a model's seeds; rank 0
+    alone checks the FID inputs, touches the outputs and measures (with several nodes, the first process of
+    every node does, on the samples rank 0 shares with it, so each node's workspace gets the same outputs). If its checks fail it exits before joining
     the process group, and torchrun stops the ranks waiting there: nothing is sampled in vain.
     """
     src = params["source"]
@@ -158,7 +166,7 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
     seeds = np.arange(start, start + n, dtype=np.int64)
     steps = params["steps"]
     proc = launch()
-    if not proc.is_main:  # sample this rank's share, hand it to rank 0 in the gather, done
+    if not proc.is_writer:  # sample this rank's share, hand it to rank 0 in the gather, done
         if src["kind"] in SAMPLED:
             _sample_model(params, seeds, name, make_sampler, proc)
         return
@@ -176,8 +184,8 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
         images, labels = _sample_model(params, seeds, name, make_sampler, proc)
         nfe = steps
     elif src["kind"] == "heldout":
-        held = read_npz(src["path"])
-        images, labels = held["images"], held["labels"]
+        held = open_split(src["path"])  # a memory map: written to samples.npz and measured without a whole copy
+        images, labels = held.images, held.labels
         seeds = np.full(len(images), -1, dtype=np.int64)  # real images: no sampling seed
         nfe = 0
     else:  # noise
@@ -186,8 +194,9 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
     write_npz(out / "samples.npz", images=images, labels=labels, seeds=seeds)
 
     try:
-        values = measure_samples(images, ref_stats, feature_extractor=extractor, weights_path=weights,
-                                 extra=metric_settings, reference_images=ref_images)
+        with reading_the_map():  # held-out and reference images are the data split's read-only map
+            values = measure_samples(images, ref_stats, feature_extractor=extractor, weights_path=weights,
+                                     extra=metric_settings, reference_images=ref_images)
     except ValueError as e:  # too few images for a metric's setting (a calibration set smaller than planned)
         raise StageError(str(e)) from e
     fid = values[keys.FID]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sferd.util.artifacts import read_npz, torch_save, write_json
-from sferd.pipeline.stages.common import load_model, training_labels
+from sferd.pipeline.stages.common import load_model, open_training_split, stage_stream, training_log_path
+from sferd.util.artifacts import fresh_dir, torch_save, write_json
 
 
 def build_encoder(enc: dict):
@@ -24,55 +24,52 @@ def run(name: str, params: dict) -> None:
     import torch
 
     import sferd
-    from sferd.data.arrays import BatchSampler, to_model_range
-    from sferd.methods.sferd import predictor_loss
     from sferd.methods.guidance import teacher_denoiser
-    from sferd.methods.training import EMA, seed_everything, train_loop, warmup_constant
+    from sferd.methods.sferd import predictor_loss
+    from sferd.methods.training import EMA, ImageSource, Session, warmup_constant
     from sferd.nn.predictor import GradientPredictor
 
     pr = params["predictor"]
-    out = Path(params["outputs"]["dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "predictor.pt").unlink(missing_ok=True)
-
-    seed_everything(params["seed"])
-    data = read_npz(params["inputs"]["train"])
-    x = to_model_range(data["images"])
-    labels = training_labels(params["student"]["model"], data)
-
-    student_net = load_model(params["student"]["checkpoint"], params["student"]["model"])
-    teacher_net = load_model(params["teacher"]["checkpoint"], params["teacher"]["model"])
-    teacher = teacher_denoiser(teacher_net, params["parameterization"], params["guidance"])
-
-    encoder = build_encoder(params["encoder"])
-    predictor = GradientPredictor(student_net, latent_dim=params["encoder"]["latent_dim"],
-                                  init_from_student=pr["init_from_student"])
-    trainable = torch.nn.ModuleDict({"encoder": encoder, "predictor": predictor})
-    ema = EMA(trainable, pr["ema_decay"])
-    opt = torch.optim.Adam(list(encoder.parameters()) + list(predictor.trainable_parameters()), lr=pr["lr"])
     steps = params["student_steps"]
-    sampler = BatchSampler(x, labels, pr["batch_size"], seed=params["seed"] + 100 * steps + 1,
-                           flip=params["dataset"]["random_flip"])
-    point_gen = torch.Generator().manual_seed(params["seed"] + 100 * steps + 2)
+    with Session(name, params) as s:
+        split = open_training_split(params["inputs"]["train"])
+        student_net = load_model(params["student"]["checkpoint"], params["student"]["model"]).to(s.device)
+        teacher_net = load_model(params["teacher"]["checkpoint"], params["teacher"]["model"]).to(s.device)
+        teacher = teacher_denoiser(teacher_net, params["parameterization"], params["guidance"])
 
-    def loss_fn(step: int):
-        x0, y = sampler.next()
-        return predictor_loss(encoder=encoder, predictor=predictor, teacher=teacher,
-                              parameterization=params["parameterization"], x0=x0, num_steps=steps,
-                              generator=point_gen, weighting=params["loss_weighting"], y=y)
+        encoder = build_encoder(params["encoder"]).to(s.device)
+        predictor = GradientPredictor(student_net, latent_dim=params["encoder"]["latent_dim"],
+                                      init_from_student=pr["init_from_student"])
+        trainable = torch.nn.ModuleDict({"encoder": encoder, "predictor": predictor})
+        ema = EMA(trainable, pr["ema_decay"])
+        opt = s.adam(list(encoder.parameters()) + list(predictor.trainable_parameters()), lr=pr["lr"])
 
-    summary = train_loop(
-        label=name, model=trainable, optimizer=opt, lr_lambda=warmup_constant(0), loss_fn=loss_fn,
-        updates=pr["updates"], grad_clip_norm=pr["grad_clip_norm"], state_path=out / "state.pt", config=params,
-        checkpoint_every=max(1, pr["updates"] // 4), rng_objects={"data": sampler.generator, "points": point_gen},
-        ema=ema,
-    )
-    final = ema.model
-    torch_save(out / "predictor.pt", {
-        "encoder": {k: v.clone() for k, v in final["encoder"].state_dict().items()},
-        "predictor": final["predictor"].state_dict_own(),
-        "config": params,
-        "sferd_version": sferd.__version__,
-    })
-    write_json(out / "config.json", params)
-    write_json(params["outputs"]["metrics"], {"stage": name, "student_steps": steps, **summary})
+        class Loss(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.trainable = trainable  # the frozen student inside the predictor has requires_grad off
+
+            def forward(self, batch):
+                return predictor_loss(encoder=encoder, predictor=predictor, teacher=teacher,
+                                      parameterization=params["parameterization"], x0=batch.x0, num_steps=steps,
+                                      draws=batch.draws, weighting=params["loss_weighting"], y=batch.y)
+
+        summary = s.train(
+            module=Loss(), trainable=trainable, optimizer=opt, ema=ema,
+            source=ImageSource(split, seed=params["seed"], flip=params["dataset"]["random_flip"],
+                               conditional=bool(params["student"]["model"].get("num_classes"))),
+            batch_size=pr["batch_size"], updates=pr["updates"], lr_lambda=warmup_constant(0),
+            grad_clip_norm=pr["grad_clip_norm"], checkpoint_every=max(1, pr["updates"] // 4),
+            seed=params["seed"], stream=stage_stream(name), log_path=training_log_path(params),
+        )
+        if s.is_writer:
+            final = ema.model
+            out = fresh_dir(params["outputs"]["dir"])
+            torch_save(out / "predictor.pt", {
+                "encoder": {k: v.detach().to("cpu", copy=True) for k, v in final["encoder"].state_dict().items()},
+                "predictor": {k: v.detach().to("cpu", copy=True) for k, v in final["predictor"].state_dict_own().items()},
+                "config": params,
+                "sferd_version": sferd.__version__,
+            })
+            write_json(Path(out) / "config.json", params)
+            write_json(params["outputs"]["metrics"], {"stage": name, "student_steps": steps, **summary})

@@ -1,7 +1,9 @@
 """Stage `reference`: FID statistics of the reference set, computed once (issue 4; D8: the training set).
 
 The output file's name carries the reference data's and the extractor weights' SHA-256 (first 12 hex digits),
-so an FID stage can only pick up statistics of exactly the data and weights it measures with.
+so an FID stage can only pick up statistics of exactly the data and weights it measures with. The data is a split
+folder (sferd/data/store.py); its SHA-256 is `ImageSplit.sha256()`, over images.npy then labels.npy. The images are
+read through the split's memory map in order, a batch at a time, never copied whole into memory.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from sferd.metrics import keys
-from sferd.util.artifacts import atomic_write_bytes, fresh_dir, read_npz, sha256_file, write_json
+from sferd.data.store import open_split, reading_the_map
+from sferd.util.artifacts import atomic_write_bytes, fresh_dir, write_json
 from sferd.util.errors import StageError
 
 
@@ -18,20 +21,21 @@ def run(name: str, params: dict) -> None:
 
     from sferd.metrics.fid import (
         FeatureExtractorWeightsError,
-        file_sha256,
+        load_feature_weights,
         reference_statistics,
-        resolve_feature_extractor_weights,
         statistics_file_name,
     )
 
     extractor, ref_path = params["feature_extractor"], params["reference"]["path"]
     try:
-        weights = resolve_feature_extractor_weights(extractor, params["feature_weights"])
+        weights = load_feature_weights(extractor, params["feature_weights"])  # read once: hashed = measured with
     except FeatureExtractorWeightsError as e:
         raise StageError(str(e)) from e
-    ref_sha, w_sha = sha256_file(ref_path), file_sha256(weights)
-    stats = reference_statistics(read_npz(ref_path)["images"], feature_extractor=extractor, weights_path=weights,
-                                 batch_size=params["batch_size"])
+    split = open_split(ref_path)
+    ref_sha, w_sha = split.sha256(), weights.sha256
+    with reading_the_map():
+        stats = reference_statistics(split.images, feature_extractor=extractor, weights_path=weights,
+                                     batch_size=params["batch_size"])
     out = fresh_dir(params["outputs"]["dir"])
     buf = io.BytesIO()
     np.savez(buf, mu=stats["mu"], sigma=stats["sigma"], num_images=stats["num_images"])

@@ -40,6 +40,18 @@ class Launch:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_writer(self) -> bool:
+        """The process that writes this node's files: local rank 0. On one node that is rank 0 alone; with several
+        nodes each node runs `dvc repro` in its own clone, so each node's first process writes the (identical)
+        outputs its DVC expects."""
+        return self.local_rank == 0
+
+    @property
+    def multi_node(self) -> bool:
+        return self.world_size > self.local_world_size
 
     @property
     def is_main(self) -> bool:
@@ -74,9 +86,12 @@ def launch(env: dict[str, str] | None = None) -> Launch:
         return Launch()
     world_size = _env_int(env, "WORLD_SIZE")
     rank, local_rank = _env_int(env, "RANK"), _env_int(env, "LOCAL_RANK")
+    local_world_size = _env_int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world_size
     if not 0 <= rank < world_size:
         raise StageError(f"RANK={rank} is outside 0 … {world_size - 1}")
-    return Launch(rank=rank, world_size=world_size, local_rank=local_rank)
+    if not 0 <= local_rank < local_world_size <= world_size:
+        raise StageError(f"LOCAL_RANK={local_rank} / LOCAL_WORLD_SIZE={local_world_size} do not fit WORLD_SIZE={world_size}")
+    return Launch(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size)
 
 
 @contextmanager
@@ -146,3 +161,25 @@ def merge_shards(shards: list[dict[str, np.ndarray]], n: int) -> dict[str, np.nd
                            f"not each of the {n} samples exactly once")
     keys = [k for k in shards[0] if k != "positions"]
     return {k: np.concatenate([np.asarray(s[k]) for s in shards])[order] for k in keys}
+
+
+def share_with_node_writers(proc: Launch, obj: Any) -> Any:
+    """Rank 0's `obj` on the first process of every node (None on the other ranks); a no-op on one node.
+
+    With several nodes each node runs `dvc repro` in its own clone, so each node's first process must write the
+    same outputs (Launch.is_writer). Only those processes receive the object: a subgroup, so the other ranks of a
+    node do not each hold a copy of, say, 50k gathered samples. Every rank must call this (new_group is collective).
+    """
+    if not proc.multi_node:
+        return obj if proc.is_main else None
+    import torch.distributed as dist
+
+    local_ranks: list[Any] = [None] * proc.world_size
+    dist.all_gather_object(local_ranks, proc.local_rank)
+    writers = [r for r, lr in enumerate(local_ranks) if lr == 0]
+    group = dist.new_group(ranks=writers)
+    if not proc.is_writer:
+        return None
+    box = [obj if proc.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=group, weights_only=True)
+    return box[0]
