@@ -175,8 +175,19 @@ def bench_one(spec_path: str, args, device: torch.device) -> None:
             print(f"   per-GPU batch {per_gpu} does not fit: timing micro-batch {batch} (gradient accumulation "
                   f"{math.ceil(per_gpu / batch)}×)")
     fwd_flops, train_flops = training_flops_per_image(model)
-    step, net = make_step(model, batch, device, args.precision, args.compile)
-    times = time_steps(step, device, warmup, steps)
+    while True:
+        try:
+            step, net = make_step(model, batch, device, args.precision, args.compile)
+            times = time_steps(step, device, warmup, steps)
+            break
+        except torch.OutOfMemoryError:
+            # the estimate was optimistic for this GPU (context, workspaces): say so and time a smaller micro-batch
+            step = net = None
+            if device.type != "cuda" or batch == 1:
+                raise
+            torch.cuda.empty_cache()
+            print(f"   out of memory at micro-batch {batch} (estimate said it fits): retrying at {batch // 2}")
+            batch //= 2
     del step, net
     med = statistics.median(times)
     ips = batch / med
