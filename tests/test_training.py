@@ -39,7 +39,8 @@ def _net():
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), SampleDropout(0.2), torch.nn.Linear(8, 16))
 
 
-def _run(tmp_path, *, kill_at=None, nan_at=None, params=None, micro=None, updates=30, every=10, batch=12):
+def _run(tmp_path, *, kill_at=None, nan_at=None, params=None, micro=None, updates=30, every=10, batch=12,
+         workers=0, compile=False):
     params = params or {"seed": 3, "training": {"lr": 1e-2, "checkpoint_every_updates": every}}
     net = _net()
     ema = EMA(net, 0.9)
@@ -61,7 +62,7 @@ def _run(tmp_path, *, kill_at=None, nan_at=None, params=None, micro=None, update
             return loss * float("nan") if nan_at is not None and step == nan_at else loss
 
     batch_size_ = batch
-    with Session("t", params, proc=Launch(), runtime=Runtime(micro_batch=micro), root=tmp_path) as s:
+    with Session("t", params, proc=Launch(), runtime=Runtime(micro_batch=micro, loader_workers=workers, compile=compile), root=tmp_path) as s:
         opt = s.adam(net.parameters(), lr=1e-2)
         summary = s.train(module=Loss(), trainable=net, optimizer=opt, ema=ema,
                           source=ImageSource(Split(), seed=3, flip=True, conditional=False), batch_size=batch,
@@ -216,3 +217,18 @@ def test_bf16_autocast_trains_with_float32_master_weights(tmp_path):
 def test_unknown_precision_is_refused(tmp_path):
     with pytest.raises(StageError, match="precision 'fp16'"):
         Session("t", {"precision": "fp16"}, proc=Launch(), runtime=Runtime(), root=tmp_path)
+
+
+def test_loader_workers_prefetch_the_same_batches(tmp_path):
+    """DataLoader workers only move the gather off the training process: the weights are bitwise the same."""
+    a, _, _ = _run(tmp_path / "w0", updates=8)
+    b, _, _ = _run(tmp_path / "w2", updates=8, workers=2)
+    assert _equal(a, b)
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels: about a minute on 2 cores
+def test_torch_compile_trains_the_same_weights_within_tolerance(tmp_path):
+    a, _, _ = _run(tmp_path / "eager", updates=4)
+    b, _, _ = _run(tmp_path / "compiled", updates=4, compile=True)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
