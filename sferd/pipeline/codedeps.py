@@ -86,6 +86,9 @@ def _docstring_only(path: Path) -> bool:
     return path.name == "__init__.py" and not body
 
 
+# Every stage command runs the launcher, which hands the stage to the runner; both import closures are every
+# stage's code deps.
+LAUNCHER = "sferd.pipeline.launch"
 RUNNER = "sferd.pipeline.run"
 # Non-Python files a stage kind reads (templates), which the import scan cannot see.
 DATA_DEPS: dict[str, tuple[str, ...]] = {"render": ("sferd/report/templates/table.md.j2",)}
@@ -93,7 +96,8 @@ DATA_DEPS: dict[str, tuple[str, ...]] = {"render": ("sferd/report/templates/tabl
 
 def stage_code(root: str, kind: str) -> tuple[str, ...]:
     """Every source file a stage of this kind runs: its DVC code deps."""
-    files = set(module_closure(root, RUNNER)) | set(module_closure(root, f"sferd.pipeline.stages.{kind}"))
+    files = (set(module_closure(root, LAUNCHER)) | set(module_closure(root, RUNNER))
+             | set(module_closure(root, f"sferd.pipeline.stages.{kind}")))
     return tuple(sorted(files | set(DATA_DEPS.get(kind, ()))))
 
 
