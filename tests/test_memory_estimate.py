@@ -85,13 +85,14 @@ def test_plan_prints_memory_and_micro_batch(monkeypatch):
         r = runner.invoke(app, ["plan", "specs/table1.yaml", "--gpu-memory-gib", gib])
         assert r.exit_code == 0, r.output
         out[gib] = r.stdout
-    lines = re.findall(r"^\s+mem: batch 128 on one GPU: fp32 ([\d,.]+) GiB, (.*?); bf16 ([\d,.]+) GiB, (.*) in 80 GiB$",
-                       out["80"], flags=re.M)
+    # table1 trains in bf16 (its `precision`): plan marks that column as the spec's
+    lines = re.findall(r"^\s+mem: batch 128 on one GPU: fp32 ([\d,.]+) GiB, (.*?); bf16 \(spec\) ([\d,.]+) GiB, (.*) "
+                       r"in 80 GiB$", out["80"], flags=re.M)
     n_training = len(re.findall(r"\[(teacher|distill)\]", out["80"]))
     assert n_training >= 2 and len(lines) == n_training, out["80"][:2000]
     teacher = lines[0]
     assert 5 < float(teacher[0].replace(",", "")) < 80 and teacher[1] == "fits whole"
     assert float(teacher[2].replace(",", "")) < float(teacher[0].replace(",", ""))
-    assert re.search(r"fp32 [\d,.]+ GiB, micro-batch ≤ \d+ per GPU; bf16 .* in 10 GiB", out["10"])
+    assert re.search(r"fp32 [\d,.]+ GiB, micro-batch ≤ \d+ per GPU; bf16 \(spec\) .* in 10 GiB", out["10"])
     assert "mem: per-GPU memory of one training micro-batch, estimated without a GPU" in out["80"]
     assert "mem:" not in "".join(re.findall(r"^.*\[(?:data|fid|render)\].*\n\s+mem:.*$", out["80"], flags=re.M))
