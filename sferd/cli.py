@@ -421,14 +421,19 @@ def plan(
     tflops: float = typer.Option(DEFAULT_TFLOPS, "--tflops", min=1e-6,
                                  help="Sustained TFLOP/s per GPU for the GPU-hour estimate (default: A100 bf16 at 40 %)."),
     scale: Optional[str] = typer.Option(None, "--scale", help=SCALE_HELP),
+    gpu_memory_gib: float = typer.Option(80.0, "--gpu-memory-gib", min=1e-3,
+                                         help="GPU memory for the per-GPU memory / micro-batch lines (default 80)."),
 ) -> None:
-    """Print the stage graph in order with inputs, outputs and estimated work (forward passes, GPU-hours).
+    """Print the stage graph in order with inputs, outputs and estimated work (forward passes, GPU-hours)
+    and, for U-Net training stages, per-GPU memory and the micro-batch that fits `--gpu-memory-gib`.
 
     Examples:
       sferd-spec plan specs/quickstart.yaml
       sferd-spec plan specs/table2.yaml --tflops 60
     """
     [(path, s)] = _load_all([spec], scale)
+    from sferd.nn.memory import ASSUMPTIONS as MEMORY_ASSUMPTIONS, plan_line as plan_memory_line
+
     stages = _graph(s, path)
     # stages another pipeline owns (an ablation's shared teacher and chain) are run once, there
     home = {st.name: pipeline for pipeline, st in _homes([(path, s), *_valid_specs(path)], strict=False)}
@@ -445,6 +450,9 @@ def plan(
             shared += fp
             cost += f"  (stage of {owner if owner not in ('', '.') else 'the root pipeline'})"
         print(f"{k:3d}. {st.name}  [{st.kind}]{cost}")
+        mem = plan_memory_line(st.params, gpu_memory_gib)  # sferd/nn/memory.py: None for non-U-Net stages
+        if mem:
+            print(f"       {mem}")
         for d in st.deps:
             print(f"       in : {d}")
         for o in (*st.outs, *st.metrics, *st.uncached_outs):
@@ -459,6 +467,7 @@ def plan(
         own = (total - shared) * hours_per_pass
         print(f"of which ~{shared * hours_per_pass:,.0f} GPU-hours are stages other pipelines own (run once, shared); "
               f"this pipeline's own stages: ~{own:,.0f} GPU-hours")
+    print(f"mem: {MEMORY_ASSUMPTIONS}")
 
 
 @app.command()

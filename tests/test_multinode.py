@@ -55,8 +55,11 @@ def test_fid_stage_on_two_nodes_writes_the_one_process_outputs_on_both(tmp_path,
     one = (nodes[0] / "results/one/samples.npz").read_bytes()
     m1 = json.loads((nodes[0] / "results/metrics/one.json").read_text())
     m1.pop("stage")
+    mach1 = m1.pop("machine")
     for d in nodes:
         assert (d / "results/two/samples.npz").read_bytes() == one
         m2 = json.loads((d / "results/metrics/two.json").read_text())
+        # each node's writer records the launch it was part of: the same machine, 2 processes in all
+        assert m2.pop("machine") == {**mach1, "world_size": 2} and mach1["world_size"] == 1
         assert m2.pop("stage") == "two" and m2 == m1
     assert np.load(nodes[1] / "results/two/samples.npz")["seeds"].tolist() == list(range(100, 111))

@@ -148,3 +148,32 @@ def test_reported_vs_reproduced_lines(tmp_path):
     assert "| PD (paper) | 4 | 3.00 | not planned |  |  | 0 | Paper, Table 2 |" in text
     assert "| PD re-run | 1 | 8.34 | 10.00 | +1.66 |" in text
     assert "| CD | 1 |" not in text  # no method of ours to compare with: only in the reported block
+
+
+def test_footer_names_the_machines_behind_the_cells(tmp_path):
+    """One footer line per distinct machine record (with file counts when there are several kinds), and
+    "machine not recorded" for metrics files written before the suite recorded it (older results)."""
+    cpu = {"torch": "2.14.1", "device_type": "cpu", "device_name": "AMD EPYC 7B13", "device_count": 1,
+           "cpu_model": "AMD EPYC 7B13", "cpu_threads": 2, "world_size": 1, "precision": "fp32"}
+    gpu = {**cpu, "device_type": "cuda", "device_name": "NVIDIA H100", "device_count": 8, "world_size": 8}
+    rows = [_row("pd", 1, 0, write_metrics(tmp_path, "a", fid=3.0, nfe=1, machine=cpu)),
+            _row("pd", 2, 0, write_metrics(tmp_path, "b", fid=2.0, nfe=2, machine=cpu))]
+    text = render_markdown(table_context("spec.yaml", TABLE, rows, [], root=tmp_path))
+    assert "- Measured on: torch 2.14.1, CPU AMD EPYC 7B13, 2 threads, 1 process, fp32\n" in text
+    assert text.count("Measured on") == 1 and "not recorded" not in text
+
+    rows.append(_row("pd", 4, 0, write_metrics(tmp_path, "c", fid=1.0, nfe=4, machine=gpu)))
+    rows.append(_row("pd", 8, 0, write_metrics(tmp_path, "d", fid=1.0, nfe=8)))  # an older metrics file
+    text = render_markdown(table_context("spec.yaml", TABLE, rows, [], root=tmp_path))
+    assert "- Measured on: torch 2.14.1, CPU AMD EPYC 7B13, 2 threads, 1 process, fp32 (2 metrics files)\n" in text
+    assert ("- Measured on: torch 2.14.1, 8× NVIDIA H100 (CPU AMD EPYC 7B13, 2 threads), 8 processes, fp32 "
+            "(1 metrics file)\n") in text
+    assert "- Measured on: machine not recorded (1 metrics file written before the suite recorded it)\n" in text
+    assert "- cells measured: 4/4" in text
+
+
+def test_table_of_older_results_renders_machine_not_recorded(tmp_path):
+    rows = [_row("pd", 1, 0, write_metrics(tmp_path, "a", fid=3.0, nfe=1)), _row("pd", 2, 0, "results/metrics/no.json")]
+    text = render_markdown(table_context("spec.yaml", TABLE, rows, [], root=tmp_path))
+    assert "- Measured on: machine not recorded (1 metrics file written before the suite recorded it)\n" in text
+    assert "| PD | 3.00 | missing |" in text

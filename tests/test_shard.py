@@ -239,6 +239,9 @@ def test_fid_stage_through_the_launcher_at_2_processes_equals_one_process(tmp_pa
     assert sorted(p.name for p in (tmp_path / "results/two").iterdir()) == ["samples.npz"]  # no shard leftovers
     m1, m2 = (json.loads((tmp_path / f"results/metrics/{s}.json").read_text()) for s in ("one", "two"))
     assert m1.pop("stage") == "one" and m2.pop("stage") == "two"
+    # the machine records differ in the process count alone (both ran with one thread per process)
+    mach1, mach2 = m1.pop("machine"), m2.pop("machine")
+    assert (mach1["world_size"], mach2["world_size"]) == (1, 2) and {**mach1, "world_size": 2} == mach2
     assert m1 == m2
 
 

@@ -157,6 +157,7 @@ def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[
             v = str(rec["metrics_data"].get(k))
             if v not in provenance[k]:
                 provenance[k].append(v)
+    machines, unrecorded = _machines(present)
     return {
         "title": table["title"],
         "table_id": table["id"],
@@ -168,6 +169,8 @@ def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[
         "extra": extra,
         "extra_calib": extra_calib if extra and extra_calib["rows"] else None,
         "provenance": provenance,
+        "machines": machines,
+        "machine_unrecorded": unrecorded,
         # a cell is one (row, steps) of the table, however many seeds it averages
         "n_missing": int((~df.groupby(["row", "steps"], dropna=False)["present"].all()).sum()),
         "n_cells": int(df.groupby(["row", "steps"], dropna=False).ngroups),
@@ -179,6 +182,27 @@ def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[
         "commit": _git_commit(root),
         "version": sferd.__version__,
     }
+
+
+def _machines(present: pd.DataFrame) -> tuple[list[dict], int]:
+    """The distinct machine records behind the measured metrics files (model and calibration rows), in order of
+    first appearance, each with how many files it made; and how many files have none (written before machine
+    provenance existed: shown as "machine not recorded", never guessed)."""
+    from sferd.util.machine import KEY, describe
+
+    lines: dict[str, int] = {}
+    unrecorded = 0
+    for m in present["metrics_data"]:
+        rec = m.get(KEY)
+        if not isinstance(rec, dict):
+            unrecorded += 1
+            continue
+        try:
+            line = describe(rec)
+        except (KeyError, TypeError):  # a record from another version of the suite: show it as it is
+            line = json.dumps(rec, sort_keys=True)
+        lines[line] = lines.get(line, 0) + 1
+    return [{"line": k, "files": v} for k, v in lines.items()], unrecorded
 
 
 def _comparison(model_rows: pd.DataFrame, reported: list[dict]) -> list[dict]:

@@ -6,7 +6,8 @@ so FID can be recomputed with another implementation without resampling. Sample 
 `sample_seed_start + k` for its noise and class, so the set does not depend on batch size or sharding.
 Under torchrun each rank samples whole batches of the one-process batch list and rank 0 gathers them
 (sferd/util/distributed.py): samples.npz is the same bytes for any number of processes.
-The metrics file records which FID, on what, with which seeds — the number is meaningless without it.
+The metrics file records which FID, on what, with which seeds — the number is meaningless without it — and
+on which machine (`"machine"`: torch, device, process count, precision, CPU threads; sferd/util/machine.py).
 When the spec asks for them, the same stage adds the Inception Score and precision/recall (torch-fidelity's
 implementations, same extractor) and the settings they were computed with.
 """
@@ -21,6 +22,7 @@ from sferd.util.artifacts import fresh_dir, write_json, write_npz
 from sferd.util.distributed import (Launch, gather_to_main, launch, merge_shards, process_group, shard_slices,
                                     share_with_node_writers)
 from sferd.util.errors import StageError
+from sferd.util.machine import KEY as MACHINE, machine_record
 from sferd.pipeline.stages.common import load_model
 
 
@@ -219,6 +221,8 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
             **provenance,
             **extra_metrics_provenance(metric_settings,
                                        num_real=len(ref_images) if ref_images is not None else None),
+            # sampling runs in fp32 (no autocast); world size: the processes that sampled this set
+            MACHINE: machine_record(world_size=proc.world_size, precision="fp32"),
         },
     )
     print(f"{name}: FID {fid:.3f} ({len(images)} samples, {extractor})"

@@ -2,7 +2,8 @@
 
 Sampling: z_T ~ N(0, I) from the sample's own seed (latent stream) → latent DDIM with the prior → denormalise →
 K student steps with the predictor's shift while it is active. Metrics add `nfe_with_predictor` (K + steps with
-the predictor branch) and `latent_prior_steps` to the usual FID record.
+the predictor branch) and `latent_prior_steps` to the usual FID record (which `fid.run` writes, with its
+`"machine"` record).
 """
 
 from __future__ import annotations
