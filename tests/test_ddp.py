@@ -127,3 +127,9 @@ def test_two_gpus_train_the_weights_of_one_gpu(runs):
     for stage in ("x-teacher", "x-pd-s0002"):
         one, two = _weights(runs["one"], stage), _weights(runs["two"], stage)
         assert max(float((one[k] - two[k]).abs().max()) for k in one) <= 1e-4
+
+
+def test_training_metrics_record_the_machine(runs):
+    for label, world in (("one", 1), ("two", 2)):
+        m = json.loads((runs[label] / "results/metrics/x-teacher.json").read_text())["machine"]
+        assert m["world_size"] == world and m["precision"] == "fp32" and m["torch"]

@@ -49,6 +49,7 @@ from sferd.nn.dropout import sample_keys
 from sferd.util.artifacts import atomic_write_text
 from sferd.util.distributed import Launch, launch, process_group
 from sferd.util.errors import StageError
+from sferd.util.machine import machine_record
 from sferd.util.progress import Progress
 from sferd.util.runtime import Runtime, runtime_settings
 
@@ -394,8 +395,10 @@ class Session:
         if log_path and proc.is_writer:
             write_training_log(log_path, rows)
         final = sum(recent) / len(recent) if recent else None
-        # mean training loss over the last (up to 200) updates, and how many that was
-        return {"loss_mean_recent": final, "loss_window_updates": len(recent), "updates": updates}
+        # mean training loss over the last (up to 200) updates, and how many that was; and where it was trained
+        # (float results differ between CPU models, thread counts and process counts: say which)
+        return {"loss_mean_recent": final, "loss_window_updates": len(recent), "updates": updates,
+                "machine": machine_record(world_size=proc.world_size, precision=self.precision)}
 
 
 LOG_COLUMNS = ("update", "loss", "grad_norm", "lr", "images_per_s")

@@ -75,5 +75,6 @@ def run(name: str, params: dict) -> None:
             write_json(Path(out) / "config.json", params)
             write_json(params["outputs"]["metrics"], {"stage": name, "heldout_accuracy": round(acc_held, 6),
                                                       "train_accuracy": round(acc_train, 6),
-                                                      "loss_mean_recent": summary["loss_mean_recent"]})
+                                                      "loss_mean_recent": summary["loss_mean_recent"],
+                                                      "machine": summary["machine"]})
             print(f"{name}: held-out accuracy {acc_held:.4f}")
