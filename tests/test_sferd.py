@@ -13,7 +13,15 @@ from sferd.diffusion.denoiser import NetworkDenoiser
 from sferd.diffusion.sampler import ddim_sample
 from sferd.diffusion.schedule import alpha_sigma, logsnr, time_input
 from sferd.methods.draws import GeneratorDraws
-from sferd.methods.sferd import predictor_loss, sample_sferd, shift_active, shift_coefficient, shifted_steps, shifted_x0
+from sferd.methods.sferd import (
+    SHIFT_PARAMETERIZATIONS,
+    predictor_loss,
+    sample_sferd,
+    shift_active,
+    shift_coefficient,
+    shifted_steps,
+    shifted_x0,
+)
 from sferd.nn.predictor import EncoderConfig, GradientPredictor, SemanticEncoder
 from sferd.nn.unet import UNet, UNetConfig
 
@@ -51,16 +59,16 @@ def test_shift_coefficient_is_sigma2_over_alpha(t):
     lam = logsnr(torch.tensor([t], dtype=torch.float64))
     alpha, sigma = alpha_sigma(lam)
     expected = (sigma**2 / alpha).item()
-    assert shift_coefficient(lam).item() == pytest.approx(expected, rel=1e-6)
+    assert shift_coefficient(lam, "x0_tweedie").item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_shift_coefficient_at_t1_is_e10_and_finite():
     """t = 1 is the first step of every sampler and the only step of the 1-step student: λ = −20, c = e¹⁰."""
-    c = shift_coefficient(logsnr(torch.tensor([1.0])))
+    c = shift_coefficient(logsnr(torch.tensor([1.0])), "x0_tweedie")
     assert c.dtype == torch.float32 and torch.isfinite(c).all()
     assert c.item() == pytest.approx(math.exp(10.0), rel=1e-5)
     # near t = 0 the shift vanishes (σ → 0): the predictor cannot move a nearly clean image
-    assert shift_coefficient(logsnr(torch.tensor([0.0]))).item() < 1e-8
+    assert shift_coefficient(logsnr(torch.tensor([0.0])), "x0_tweedie").item() < 1e-8
 
 
 # ------------------------------------------------------------------------------------------ switch-off rule
@@ -95,13 +103,14 @@ def _noise(batch: int = 4, seed: int = 0):
     return (torch.randn(batch, 1, 8, 8, generator=g), torch.randn(batch, LATENT, generator=g))
 
 
+@pytest.mark.parametrize("form", SHIFT_PARAMETERIZATIONS)
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_zero_initialised_predictor_samples_exactly_like_the_student(k):
+def test_zero_initialised_predictor_samples_exactly_like_the_student(k, form):
     student = _student()
     pred = GradientPredictor(student, latent_dim=LATENT)
     noise, z = _noise()
     shifted = sample_sferd(predictor=pred, student=student, parameterization="x", noise=noise, z=z,
-                           num_steps=k, cutoff_fraction=0.3)
+                           num_steps=k, cutoff_fraction=0.3, shift_parameterization=form)
     plain = ddim_sample(NetworkDenoiser(student, "x"), noise, k, clip=True)
     assert torch.equal(shifted, plain)
 
@@ -111,7 +120,8 @@ def test_trained_predictor_changes_samples_and_only_while_active():
     pred = _perturbed_predictor(student)
     noise, z = _noise()
     plain = ddim_sample(NetworkDenoiser(student, "x"), noise, 4, clip=True)
-    kwargs = dict(predictor=pred, student=student, parameterization="x", noise=noise, z=z, num_steps=4)
+    kwargs = dict(predictor=pred, student=student, parameterization="x", noise=noise, z=z, num_steps=4,
+                  shift_parameterization="x0_tweedie")
     assert not torch.allclose(sample_sferd(**kwargs, cutoff_fraction=0.3), plain)
     assert torch.equal(sample_sferd(**kwargs, cutoff_fraction=1.0), plain)  # shift off on every step
 
@@ -128,7 +138,8 @@ def test_z_changes_the_shifted_sample():
     student = _student()
     pred = _perturbed_predictor(student)
     noise, z = _noise()
-    kwargs = dict(predictor=pred, student=student, parameterization="x", noise=noise, num_steps=2, cutoff_fraction=0.3)
+    kwargs = dict(predictor=pred, student=student, parameterization="x", noise=noise, num_steps=2, cutoff_fraction=0.3,
+                  shift_parameterization="x0_tweedie")
     assert not torch.allclose(sample_sferd(**kwargs, z=z), sample_sferd(**kwargs, z=-z))
 
 
@@ -137,9 +148,9 @@ def test_shifted_x0_adds_c_times_g():
     pred = _perturbed_predictor(student)
     noise, z = _noise()
     t = torch.tensor([1.0, 0.75, 0.5, 0.25])
-    x0_s, x0_theta = shifted_x0(pred, "x", noise, t, None, z)
+    x0_s, x0_theta = shifted_x0(pred, "x", noise, t, None, z, shift_parameterization="x0_tweedie")
     _, g = pred(noise, time_input(logsnr(t)), None, z)
-    c = shift_coefficient(logsnr(t)).view(-1, 1, 1, 1)
+    c = shift_coefficient(logsnr(t), "x0_tweedie").view(-1, 1, 1, 1)
     torch.testing.assert_close(x0_s, x0_theta + c * g)
     torch.testing.assert_close(x0_theta, student(noise, time_input(logsnr(t))))
 
@@ -162,7 +173,7 @@ def test_predictor_loss_trains_only_encoder_and_predictor_and_decreases():
     def loss_at(seed: int) -> torch.Tensor:
         return predictor_loss(encoder=enc, predictor=pred, teacher=teacher, parameterization="x", x0=x0,
                               num_steps=2, draws=GeneratorDraws(torch.Generator().manual_seed(seed), 16),
-                              weighting="truncated_snr").mean()
+                              weighting="truncated_snr", shift_parameterization="x0_tweedie").mean()
 
     with torch.no_grad():
         first = sum(loss_at(s).item() for s in range(4))
