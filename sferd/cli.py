@@ -1,7 +1,8 @@
 """`sferd-spec`: validate, compile, plan and render experiment specs (DESIGN.md "What a user types").
 
 Exit codes: 0 ok; 1 the tool ran and found problems (invalid spec, stale generated files); 2 usage errors
-(Click). User errors print `file:line:col: error: loc: message` lines, never a traceback. This module and
+(Click); 3 an internal error (a bug: one line asking for a report; `--debug` shows the traceback). User errors print
+`file:line:col: error: loc: message` lines, never a traceback. This module and
 everything it imports at top level stay free of torch/torch-fidelity/dvc: `validate` must answer in well
 under half a second.
 """
@@ -15,12 +16,39 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 import sferd
+
+EXIT_INTERNAL = 3
+
+
+class _Commands(TyperGroup):
+    """The command group; an exception no command handles is a bug, reported in one line with exit code 3.
+
+    Typer already turns usage errors (its Click exceptions, all TyperExceptions) into exit 2 and typer.Exit into its
+    code; everything else that escapes a command would otherwise print a traceback, which no input may cause
+    (specs are data from other people).
+    """
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, TyperException):
+            raise
+        except Exception as e:  # noqa: BLE001 - the one place that turns a bug into exit code 3
+            if ctx.params.get("debug"):
+                raise
+            _err(f"sferd-spec: internal error ({type(e).__name__}): this is a bug; please report it with the command "
+                 "and the spec file (run again with --debug for the traceback)")
+            ctx.exit(EXIT_INTERNAL)
+
 
 app = typer.Typer(
     name="sferd-spec",
     help="Validate, compile, plan and render sferd experiment specs.",
+    cls=_Commands,
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=True,
@@ -43,6 +71,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="On an internal error, show the Python traceback."),
 ) -> None:
     """Specs in specs/*.yaml are the experiments; dvc.yaml/params.json are compiled from them."""
 
@@ -68,6 +97,16 @@ def _load_checked(p: Path, scale: str | None):
     return spec
 
 
+def _fail(issues) -> None:
+    """Print located issues, sorted and each once (a base spec's error, reached through each spec extending it),
+    with a count, and exit 1."""
+    issues = sorted(set(issues))
+    for i in issues:
+        _err(i.format())
+    _err(f"{len(issues)} error{'s' if len(issues) != 1 else ''}")
+    raise typer.Exit(1)
+
+
 def _load_all(paths: list[Path], scale: str | None = None):
     """Load every spec (at scale profile `scale`); print all problems and exit 1 if any is invalid."""
     from sferd.spec import SpecError
@@ -78,12 +117,8 @@ def _load_all(paths: list[Path], scale: str | None = None):
             specs.append((p, _load_checked(p, scale)))
         except SpecError as e:
             issues.extend(e.issues)
-    issues = sorted(set(issues))  # a base spec's error, reached through each spec extending it, once
     if issues:
-        for i in issues:
-            _err(i.format())
-        _err(f"{len(issues)} error{'s' if len(issues) != 1 else ''}")
-        raise typer.Exit(1)
+        _fail(issues)
     return specs
 
 
@@ -176,15 +211,24 @@ def _homes(specs, *, strict: bool = True) -> list[tuple[str, object]]:
         for st in _graph(spec, path):
             if st.name in home:
                 if strict and home[st.name][1] != st:
-                    _err(
-                        f"{path.as_posix()}: error: stage {st.name} is also defined by {home[st.name][2]} "
-                        "with different parameters (stage names must be unique across specs)"
-                    )
-                    raise typer.Exit(1)
+                    from sferd.spec import spec_issue
+
+                    _fail([spec_issue(path, _stage_field(spec, st), f"stage {st.name} is also defined by "
+                                      f"{home[st.name][2]} with different parameters (stage names must be unique "
+                                      "across specs)", display_path=path.as_posix())])
                 continue
             home[st.name] = (spec.pipeline, st, path.as_posix())
             out.append((spec.pipeline, st))
     return out
+
+
+def _stage_field(spec, stage) -> tuple:
+    """The spec field a stage's name comes from, to locate a clash: its method, else its block."""
+    for m, method in enumerate(spec.methods):
+        if f"-{method.name}-" in f"{stage.name}-" and stage.kind in ("distill", "predictor", "prior", "fid", "fid_sferd"):
+            return ("methods", m, "name")
+    return {"data": ("dataset",), "features": ("features",), "teacher": ("teacher",), "teacher_import": ("teacher",),
+            "render": ("table", "id")}.get(stage.kind, ("name",))
 
 
 def _editor_schema(model) -> dict:
@@ -223,8 +267,10 @@ def _compiled_files(specs, context=()) -> dict[str, str]:
         try:
             files.update(pipeline_files(stages, pipeline=pipeline, root="."))
         except CompileError as e:
-            _err(f"error: pipeline {pipeline}: {e}")
-            raise typer.Exit(1)
+            from sferd.spec import spec_issue
+
+            path = next(p for p, spec in specs if spec.pipeline == pipeline)
+            _fail([spec_issue(path, ("pipeline",), f"pipeline {pipeline}: {e}", display_path=path.as_posix())])
     files[SCHEMA_PATH.as_posix()] = json.dumps(_editor_schema(Spec), indent=2, sort_keys=True) + "\n"
     return files
 
@@ -251,7 +297,10 @@ def compile_(
     paths = list(specs) if specs else _default_specs()
     chosen = _load_all(paths, scale)
     others = [p for p in _default_specs() if p.resolve() not in {q.resolve() for q in paths}]
-    files = _compiled_files(chosen, _load_all(others) if specs else ())
+    context = _load_all(others) if specs else []
+    _check_owners(chosen, context)
+    files = _compiled_files(chosen, context)
+    _check_targets(files, chosen)  # everything is checked before the first file is written
     stale = []
     for rel, text in sorted(files.items()):
         p = Path(rel)
@@ -264,7 +313,10 @@ def compile_(
         else:
             from sferd.util.artifacts import atomic_write_text
 
-            atomic_write_text(p, text)
+            try:
+                atomic_write_text(p, text)
+            except OSError as e:
+                _fail([_issue_for_file(rel, chosen, f"cannot write {rel}: {e.strerror or e}")])
             print(f"wrote {rel}")
     if check:
         if stale:
@@ -273,6 +325,56 @@ def compile_(
         print("generated files are up to date")
     elif not stale:
         print("nothing to do: generated files are up to date")
+
+
+def _pipelines_of(spec) -> list[str]:
+    """The pipeline folders a spec owns: its own, and (loaded at its own scale) one per scale profile."""
+    from sferd.spec.scale import scaled_pipeline
+
+    if spec.scale is not None:
+        return [spec.pipeline]
+    return [spec.pipeline, *(scaled_pipeline(spec.pipeline, spec.name, name) for name in spec.scales)]
+
+
+def _check_owners(chosen, context) -> None:
+    """Each pipeline folder belongs to one spec: compiling a spec into a folder that another spec's pipeline (or one
+    of its scale profiles) owns would overwrite that pipeline."""
+    from sferd.spec import spec_issue
+
+    issues = []
+    for path, spec in chosen:
+        for other_path, other in [*context, *chosen]:
+            if other_path.resolve() == path.resolve():
+                continue
+            if spec.pipeline in _pipelines_of(other):
+                issues.append(spec_issue(path, ("pipeline",), f"pipeline folder {spec.pipeline} belongs to "
+                                         f"{other_path.as_posix()}: give this spec its own stages/<name>",
+                                         display_path=path.as_posix()))
+                break
+    if issues:
+        _fail(issues)
+
+
+def _issue_for_file(rel: str, chosen, message: str):
+    """A write problem, located at the `pipeline:` of the spec whose folder holds `rel` (else at the file)."""
+    from sferd.spec import spec_issue
+    from sferd.spec.loader import SpecIssue
+
+    folder = Path(rel).parent.as_posix()
+    for path, spec in chosen:
+        if spec.pipeline == folder:
+            return spec_issue(path, ("pipeline",), message, display_path=path.as_posix())
+    return SpecIssue(rel, 1, 1, "", message)
+
+
+def _check_targets(files: dict[str, str], chosen) -> None:
+    from sferd.pipeline.writes import write_problem
+
+    root = Path.cwd()
+    issues = [_issue_for_file(rel, chosen, reason) for rel in sorted(files)
+              if (reason := write_problem(root, rel)) is not None]
+    if issues:
+        _fail(issues)
 
 
 # Stated throughput for the GPU-hour estimate: an A100's dense bf16 peak (312 TFLOP/s) at 40 % utilisation,

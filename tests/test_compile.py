@@ -2,6 +2,7 @@
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def test_stage_graph_is_closed_and_well_named():
     order = list(dvc)
     for name, st in dvc.items():
         assert NAME.match(name), name
-        assert st["cmd"] == f"python -m sferd.pipeline.run {name}"
+        assert shlex.split(st["cmd"]) == ["python", "-m", "sferd.pipeline.launch", "--params", "params.json", name]
         assert st["params"] == [{"params.json": [name]}]  # each stage reads only its own section
         for out in st.get("outs", []) + st.get("metrics", []):
             path = out if isinstance(out, str) else next(iter(out))

@@ -65,21 +65,19 @@ def test_an_invalid_overridden_value_is_located_at_its_set_entry(tmp_path):
     [
         ("      teacher.nosuch.x: 1\n", "the spec has no teacher.nosuch"),
         ("      methods.7.lr: 1.0\n", "methods is a list of 2: use an index or `*`"),
-        ("      reported.*.values: {}\n", ""),  # replaced below: reported is not empty in table1
+        ("      evaluation.calibration.*: heldout\n", "evaluation.calibration is an empty list: `*` sets nothing"),
+        # what a published number means is the same at every scale
+        ("      reported.*.values: {}\n", "a scale profile cannot set 'reported'"),
+        ("      reported.0.values.1: 1.0\n", "a scale profile cannot set 'reported'"),
+        ("      table.title: Better numbers\n", "a scale profile cannot set 'table'"),
         ("      name: other\n", "a scale profile cannot set 'name'"),
         ("      pipeline: stages/x\n", "a scale profile cannot set 'pipeline'"),
         ("      scales: {}\n", "a scale profile cannot set 'scales'"),
-        ("      teacher.updates: 7\n      teacher: {kind: train}\n", "also set inside by teacher.updates"),
+        ("      teacher.updates: 7\n      teacher: {kind: train}\n", "sets teacher, which teacher.updates also sets"),
     ],
 )
 def test_profile_keys_that_would_do_nothing_or_too_much_are_located_errors(tmp_path, block, message):
-    if not message:
-        text = TABLE1.replace("\nreported:\n", "\nreported: []\nunused_reported:\n", 1)
-        text = text[:text.index("unused_reported:")] + text[text.index("\nscales:") + 1:]
-        f = _with_profile(tmp_path, block, text=text)
-        message = "reported is an empty list: `*` sets nothing"
-    else:
-        f = _with_profile(tmp_path, block)
+    f = _with_profile(tmp_path, block)
     with pytest.raises(SpecError) as e:
         load_spec(f, display_path="specs/t1.yaml", scale="tiny")
     assert any(message in i.message and i.loc.startswith("scales.tiny.set") for i in e.value.issues), e.value

@@ -1,8 +1,9 @@
 """FID sampling sharded over processes gives the samples of one process, byte for byte.
 
 The partition and the merge are checked on their own, then with real sampling in-process (every rank's shard
-computed here, no process group), then for real: the FID stage through the stage runner under
-`torchrun --nproc_per_node 2` (gloo, CPU) against the same stage in this process.
+computed here, no process group), then for real: the FID stage's own command, the launcher
+`python -m sferd.pipeline.launch`, set to 2 processes (it starts torchrun; gloo, CPU) against the same stage in
+this process.
 """
 
 from __future__ import annotations
@@ -196,21 +197,36 @@ def _two_fid_stages(d: Path) -> None:
     (d / "params.json").write_text(json.dumps(stages))
 
 
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SFERD_")}  # no stray runtime settings
+    return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
+
+
 def _torchrun(d: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
-    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *args], cwd=d, env=env,
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *args], cwd=d, env=_env(),
                           capture_output=True, text=True, timeout=300)
 
 
-def test_fid_stage_under_torchrun_equals_one_process(tmp_path, monkeypatch):
-    """The stage's own command under `torchrun --nproc_per_node 2` (gloo): samples.npz and the FID record equal
-    the one-process run's, and rank 0 alone wrote them."""
+def _launcher(d: Path, stage: str, **settings: str) -> subprocess.CompletedProcess:
+    """The stage's DVC command (`python -m sferd.pipeline.launch STAGE`) with runtime settings in the environment."""
+    return subprocess.run([sys.executable, "-m", "sferd.pipeline.launch", stage], cwd=d, env={**_env(), **settings},
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("settings", [pytest.param({"SFERD_NPROC_PER_NODE": "2"}, id="environment"),
+                                      pytest.param({"file": "nproc_per_node = 2\n"}, id="local-file",
+                                                   marks=pytest.mark.slow)])
+def test_fid_stage_through_the_launcher_at_2_processes_equals_one_process(tmp_path, monkeypatch, settings):
+    """The stage's own command with the launcher set to 2 processes (it starts torchrun; gloo): samples.npz and
+    the FID record equal the one-process run's, and rank 0 alone wrote them."""
     from sferd.pipeline.run import main
 
     monkeypatch.chdir(tmp_path)
     _two_fid_stages(tmp_path)
     assert main(["one"]) == 0
-    r = _torchrun(tmp_path, "-m", "sferd.pipeline.run", "two")
+    if "file" in settings:
+        (tmp_path / "sferd.local.toml").write_text(settings.pop("file"))
+    r = _launcher(tmp_path, "two", **settings)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("two: FID") == 1 and "[rank 0 of 2]" in r.stderr, r.stdout + r.stderr
 

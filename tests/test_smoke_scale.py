@@ -60,3 +60,49 @@ def test_smoke_run_is_up_to_date_afterwards(smoke):
     d, _ = smoke
     status = run(["dvc", "status", "stages/table1-smoke/dvc.yaml"], d).stdout
     assert "up to date" in status, status
+
+
+def _cells(table: str) -> dict[tuple[str, str], float]:
+    """(row label, column) → number, from the rendered table's main FID block."""
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    out = {}
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        if len(cells) != len(header) or cells[0] == header[0]:
+            break
+        for col, v in zip(header[1:], cells[1:]):
+            try:
+                out[(cells[0], col)] = float(v)
+            except ValueError:
+                pass
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_render_the_table_of_one(smoke, tmp_path_factory):
+    """The same `dvc repro stages/table1-smoke/dvc.yaml` with the launcher at 2 processes (every training stage
+    data-parallel, every FID stage sharded; gloo) renders the one-process table: the same cells, each FID within
+    2 % (weights agree within float tolerance; the FID of 64 samples amplifies that a little), no manual commit."""
+    import os
+
+    d1, _ = smoke
+    d = tmp_path_factory.mktemp("smoke2")
+    shutil.copytree(ROOT / "sferd", d / "sferd", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "specs", d / "specs")
+    write_fake_cifar10(d / "data/cifar10", per_batch=PER_BATCH)
+    init_repo(d)
+    run(["sferd-spec", "compile", "specs/table1.yaml", "--scale", "smoke"], d)
+    os.environ["SFERD_NPROC_PER_NODE"] = "2"
+    try:
+        r = run(["dvc", "repro", "stages/table1-smoke/dvc.yaml"], d)
+    finally:
+        del os.environ["SFERD_NPROC_PER_NODE"]
+    assert "[rank 0 of 2]" in r.stdout + r.stderr  # the FID stages really sharded
+    one = _cells((d1 / "results/tables/table1-smoke.md").read_text())
+    two = _cells((d / "results/tables/table1-smoke.md").read_text())
+    assert one.keys() == two.keys() and len(one) >= 9
+    worst = max(abs(one[k] - two[k]) / max(abs(one[k]), 1e-9) for k in one)
+    print(f"largest relative FID difference, 1 vs 2 processes: {worst:.2e}")
+    assert worst <= 0.02, {k: (one[k], two[k]) for k in one}
+    assert "up to date" in run(["dvc", "status", "stages/table1-smoke/dvc.yaml"], d).stdout

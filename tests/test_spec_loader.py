@@ -357,9 +357,9 @@ def test_display_path_defaults_to_the_given_path(tmp_path):
     assert exc.value.issues[0].path == str(p)
 
 
-def test_directory_is_an_os_error_not_a_traceback(tmp_path):
+def test_directory_is_a_located_error_not_a_traceback(tmp_path):
     [(line, col, _, msg)] = _read_issues(tmp_path)
-    assert (line, col) == (1, 1) and msg.endswith("[os_error]")
+    assert (line, col) == (1, 1) and msg.endswith("[not_a_file]")
 
 
 def test_not_utf8_is_located(tmp_path):

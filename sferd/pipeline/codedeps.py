@@ -86,14 +86,24 @@ def _docstring_only(path: Path) -> bool:
     return path.name == "__init__.py" and not body
 
 
+# Every stage command runs the launcher, which hands the stage to the runner; both import closures are every
+# stage's code deps.
+LAUNCHER = "sferd.pipeline.launch"
 RUNNER = "sferd.pipeline.run"
 # Non-Python files a stage kind reads (templates), which the import scan cannot see.
 DATA_DEPS: dict[str, tuple[str, ...]] = {"render": ("sferd/report/templates/table.md.j2",)}
 
 
+# Modules that decide *how* a stage runs on this machine (process count, runtime settings, progress output), never
+# what it computes: results do not depend on them (DESIGN.md "Scale"), so they are not code deps. Editing the
+# launcher must not re-run, or restart the training of, every stage of every pipeline.
+OPERATIONAL = frozenset({"sferd/pipeline/launch.py", "sferd/util/runtime.py", "sferd/util/progress.py"})
+
+
 def stage_code(root: str, kind: str) -> tuple[str, ...]:
-    """Every source file a stage of this kind runs: its DVC code deps."""
-    files = set(module_closure(root, RUNNER)) | set(module_closure(root, f"sferd.pipeline.stages.{kind}"))
+    """Every source file a stage of this kind runs that can change its results: its DVC code deps."""
+    files = (set(module_closure(root, LAUNCHER)) | set(module_closure(root, RUNNER))
+             | set(module_closure(root, f"sferd.pipeline.stages.{kind}"))) - OPERATIONAL
     return tuple(sorted(files | set(DATA_DEPS.get(kind, ()))))
 
 

@@ -4,6 +4,9 @@ The graph is a list of `Stage`s in a valid execution order:
 data → feature network → teacher → one stage per halving per method → one FID stage per
 (model, steps) and per calibration row → one render stage per table.
 
+Training stages (teacher, halvings, predictor, prior, feature network) carry the spec's `precision`: it changes
+their results, so it is part of their params (and of their DVC cache key).
+
 Every stage carries its *fully resolved* parameters (what the stage runner reads), the paths it reads and
 writes (deterministic, derived from the stage name), and an estimate of its work. Stage names follow
 `[a-z0-9-]+`, dataset first, zero-padded step counts: `digits-pd-s0004-fid`.
@@ -30,7 +33,9 @@ class Stage:
     params: dict[str, Any]  # fully resolved; JSON/YAML-serialisable; includes inputs/outputs
     deps: tuple[str, ...]  # upstream outputs this stage reads
     outs: tuple[str, ...]  # cached outputs (files or directories)
-    persist: bool = False  # keep outs between runs so a killed stage resumes
+    # keep outs between runs. No stage sets it: resumable training state lives in a git-ignored scratch folder, not
+    # in DVC outputs, so outputs are written once, complete, and need no persisting.
+    persist: bool = False
     metrics: tuple[str, ...] = ()  # small JSON, tracked by git (cache: false)
     uncached_outs: tuple[str, ...] = ()  # rendered tables: in git, not in the DVC cache
     plots: tuple[tuple[str, dict[str, Any]], ...] = ()  # (path, dvc plot props): in git, for `dvc plots`
@@ -107,6 +112,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                 params={
                     "kind": "features",
                     "seed": spec.seed,
+                    "precision": spec.precision,
                     "dataset": ds,
                     "network": f.model_dump(mode="json"),
                     "inputs": {"train": train_split, "heldout": heldout_split},
@@ -152,6 +158,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                 params={
                     "kind": "teacher",
                     "seed": spec.seed,
+                    "precision": spec.precision,
                     "dataset": ds,
                     "model": teacher_model,
                     "training": t.model_dump(mode="json", exclude={"model", "kind"}),
@@ -160,7 +167,6 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                 },
                 deps=(data_dir,),
                 outs=(teacher_dir,),
-                persist=True,
                 metrics=(metrics_path(teacher_name),),
                 cost={"forward_passes": 3.0 * t.updates * t.batch_size},
             )
@@ -225,6 +231,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                         params={
                             "kind": "predictor",
                             "seed": seed,
+                            "precision": spec.precision,
                             "dataset": ds,
                             "student_steps": steps,
                             "student": {"checkpoint": f"{s_dir}/model.pt", "model": student_model},
@@ -239,8 +246,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                         },
                         deps=(data_dir, s_dir, t_dir),
                         outs=(pred_dir,),
-                        persist=True,
-                        metrics=(metrics_path(pred_name),),
+                                metrics=(metrics_path(pred_name),),
                         cost={"forward_passes": float((teacher_passes + 4) * pred.updates * pred.batch_size)},
                     )
                 )
@@ -251,6 +257,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                         params={
                             "kind": "prior",
                             "seed": seed,
+                            "precision": spec.precision,
                             "dataset": ds,
                             "predictor": {"checkpoint": f"{pred_dir}/predictor.pt", "encoder": encoder},
                             "num_classes": student_model["num_classes"],
@@ -260,8 +267,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                         },
                         deps=(data_dir, pred_dir),
                         outs=(prior_dir,),
-                        persist=True,
-                        metrics=(metrics_path(prior_name),),
+                                metrics=(metrics_path(prior_name),),
                         cost={"mlp_passes": float(3 * prior.updates * prior.batch_size)},
                     )
                 )
@@ -383,7 +389,8 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                 **({"extra_metrics": list(extra)} if extra else {}),
                 # only when scaled: the paper-scale render params (and so their committed pipelines) stay as they are
                 **({"scale": {"name": spec.scale, "description": spec.scales[spec.scale].description,
-                              "set": spec.scales[spec.scale].set}} if spec.scale is not None else {}),
+                              "set": spec.scales[spec.scale].model_dump(mode="json")["set"]}}
+                   if spec.scale is not None else {}),
                 "outputs": {"markdown": md, "plot": png, "plot_data": csv, "grids": grids},
             },
             # metrics for the table, the FID stages' folders for the sample grids
@@ -476,6 +483,7 @@ def _chain(
                 params={
                     "kind": "distill",
                     "seed": seed,
+                    "precision": spec.precision,
                     "dataset": spec.dataset.model_dump(mode="json", exclude={"source"}),
                     "student_steps": steps,
                     "teacher": {
@@ -501,7 +509,6 @@ def _chain(
                 },
                 deps=(stage_dir(f"{p}-data"), prev_dir),
                 outs=(d,),
-                persist=True,
                 metrics=(metrics_path(name),),
                 # teacher forwards + 1 student forward/backward (≈ 3 forwards) per example
                 cost={"forward_passes": float((teacher_passes + 3) * updates * method.batch_size)},

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from sferd.spec.checks import check_spec
 from sferd.spec.extends import SpecLayers, read_spec_layers
-from sferd.spec.loader import SpecError, validate_document
+from sferd.spec.loader import SpecError, SpecIssue, validate_document
 from sferd.spec.models import ScalesBlock, Spec
 from sferd.spec.scale import apply_scale, override_for
 
-__all__ = ["Spec", "SpecError", "load_spec"]
+__all__ = ["Spec", "SpecError", "load_spec", "spec_issue"]
 
 
 def load_spec(path: str | Path, *, display_path: str | None = None, scale: str | None = None) -> Spec:
@@ -53,3 +53,14 @@ def _at_scale(layers: SpecLayers, plain: dict, scale: str) -> tuple[dict, Callab
         return loc if key is None else ("scales", scale, "set", key)
 
     return scaled, relocate
+
+
+def spec_issue(path: str | Path, loc: tuple, message: str, *, display_path: str | None = None) -> SpecIssue:
+    """A located issue about a spec that loaded (a problem found after validation: compile's checks of pipeline
+    folders and stage names), at `loc`, which may be a field the spec inherits."""
+    shown = display_path or str(path)
+    try:
+        layers = read_spec_layers(path, shown=shown)
+    except SpecError:  # changed since it was loaded: still name the file and the field
+        return SpecIssue(shown, 1, 1, ".".join(map(str, loc)), message)
+    return layers.issue(loc, message)

@@ -110,6 +110,33 @@ def _check_metrics(ev: EvaluationSpec) -> list[Problem]:
     return problems
 
 
+# Stages one spec may compile to (the committed ones: 19 to 52). Each is a DVC stage, a Python start-up and an
+# `import torch` on every `dvc repro` status check; thousands would make the pipeline unusable and compile slow.
+MAX_STAGES = 400
+
+
+def stage_count(spec: Spec) -> int:
+    """The number of stages `build_graph` makes, counted without building them (an upper bound: chains that two
+    methods share are counted twice)."""
+    ev = spec.evaluation
+    per_seed = 0
+    for method in spec.methods:
+        per_seed += len(method.student_steps()) + len(ev.student_steps)  # halvings, FID stages
+        if isinstance(method, SferdPDMethod) and method.predictor is not None:
+            per_seed += 2 * len(ev.student_steps)  # predictor and prior per evaluated student
+    fixed = 4 + len(ev.teacher_steps) + len(ev.calibration)  # data, features, teacher, reference stats, render
+    return fixed + len(spec.chain_seeds) * per_seed
+
+
+def _check_size(spec: Spec) -> list[Problem]:
+    n = stage_count(spec)
+    if n <= MAX_STAGES:
+        return []
+    where = ("seeds",) if spec.seeds is not None else ("methods",)
+    return [(where, f"the spec expands to about {n} stages (methods × halvings × evaluated steps × seeds); at most "
+                    f"{MAX_STAGES}: split it into several specs")]
+
+
 # metrics-file value → the `evaluation.metrics` option that produces it
 PRODUCER = {value: option for option, values in keys.METRIC_VALUES.items() for value in values}
 
@@ -179,6 +206,8 @@ def check_spec(spec: Spec) -> list[Problem]:
                 )
 
     problems.extend(_check_metrics(ev))
+    if not problems:
+        problems.extend(_check_size(spec))
 
     for r, row in enumerate(spec.reported):
         if row.method is not None and row.method not in names:

@@ -19,10 +19,12 @@ from typing import Any
 
 from ruamel.yaml.comments import CommentedMap
 
+from sferd.spec.limits import echo
 from sferd.spec.loader import SpecError, SpecIssue, issue_at, read_yaml, to_plain
+from sferd.spec.models import EXTENDS_RE
 
 # Set-up fields a spec may take from its base. Everything else is the extending spec's own.
-INHERITED = ("seed", "seeds", "dataset", "features", "teacher", "methods", "evaluation")
+INHERITED = ("seed", "seeds", "precision", "dataset", "features", "teacher", "methods", "evaluation")
 
 
 @dataclass(frozen=True)
@@ -70,14 +72,18 @@ def read_spec_layers(path: str | Path, *, shown: str) -> SpecLayers:
     def fail(message: str) -> SpecError:
         return SpecError([issue_at(doc, ("extends",), message, path=shown)])
 
-    if not isinstance(value, str) or not value.endswith((".yaml", ".yml")) or value.startswith("/"):
-        raise fail("`extends` takes the path of another spec file, relative to this one (e.g. table2.yaml)")
+    if not isinstance(value, str) or not EXTENDS_RE.fullmatch(value):
+        # the pattern also keeps out NUL bytes, newlines and absolute paths
+        raise fail("`extends` takes the path of another spec file, relative to this one (e.g. table2.yaml): "
+                   "file-name characters [A-Za-z0-9_.-] and `/`, ending in .yaml")
     base_path = Path(path).parent / value
     base_shown = posixpath.normpath(posixpath.join(posixpath.dirname(shown), value))
     try:
-        exists, same = base_path.is_file(), base_path.resolve() == Path(path).resolve()
-    except OSError as e:  # e.g. a name longer than the file system allows
-        raise fail(f"cannot use {value!r}: {e.strerror or e}") from None
+        exists = base_path.is_file()
+        same = exists and base_path.resolve(strict=True) == Path(path).resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # a name longer than the file system allows; a loop of symlinks
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "a loop of symbolic links"
+        raise fail(f"cannot use {echo(value)}: {reason}") from None
     if not exists:
         raise fail(f"no spec file {base_shown} to extend")
     if same:

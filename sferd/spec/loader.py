@@ -20,19 +20,29 @@ ScalarFloat and friends inside the validated model, leaking YAML styling into wh
 
 from __future__ import annotations
 
+import errno
+import math
+import os
 import re
+import stat
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.composer import Composer, ComposerError
 from ruamel.yaml.constructor import ConstructorError, DuplicateKeyError, RoundTripConstructor
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.error import YAMLError
+from ruamel.yaml.reader import ReaderError
 from ruamel.yaml.scalarbool import ScalarBoolean
+
+from sferd.spec import limits
 
 __all__ = ["SpecIssue", "SpecError", "read_yaml", "locate", "load_model", "validate_document", "issue_at", "to_plain"]
 
@@ -53,9 +63,19 @@ class SpecIssue:
     message: str
 
     def format(self) -> str:
-        # gcc-style "file:line:col: error: ..." so editors and CI log viewers make it clickable.
-        where = f"{self.loc}: " if self.loc else ""
-        return f"{self.path}:{self.line}:{self.col}: error: {where}{self.message}"
+        # gcc-style "file:line:col: error: ..." so editors and CI log viewers make it clickable. One issue is one
+        # line whatever a message or a key holds (a key may be any string the user wrote): control characters are
+        # escaped and every part is bounded.
+        where = f"{_one_line(self.loc, limits.MAX_ECHO * 2)}: " if self.loc else ""
+        return (f"{_one_line(self.path, limits.MAX_ECHO * 4)}:{self.line}:{self.col}: error: "
+                f"{where}{_one_line(self.message, limits.MAX_MESSAGE)}")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(text: str, limit: int) -> str:
+    return limits.shorten(_CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text)), limit)
 
 
 class SpecError(Exception):
@@ -90,7 +110,7 @@ class _Constructor(RoundTripConstructor):
             raise
         except Exception as e:  # noqa: BLE001 - any failure here comes from the user's text
             raise ConstructorError(
-                None, None, f"cannot read {node.value!r} as {_short_tag(node.tag)}: {e}", node.start_mark
+                None, None, f"cannot read {limits.echo(node.value)} as {_short_tag(node.tag)}: {limits.shorten(str(e))}", node.start_mark
             ) from e
 
     def construct_unknown_tag(self, node: Any) -> Any:
@@ -148,8 +168,12 @@ def _yaml_error_issue(e: YAMLError, shown: str) -> SpecIssue:
     cmark = getattr(e, "context_mark", None)
     if problem is None:
         return SpecIssue(shown, line, col, "", f"{context or str(e).strip()} [yaml_syntax]")
+    if str(problem).startswith("maximum depth of data structure exceeded"):
+        return SpecIssue(shown, line, col, "", f"nested deeper than {limits.MAX_DEPTH} levels [too_deep]")
     if problem == "but found another document":
         return SpecIssue(shown, line, col, "", "a spec file holds one YAML document; found a second [yaml_syntax]")
+    if str(problem).endswith("]"):  # our own composer's problems carry their code
+        return SpecIssue(shown, line, col, "", str(problem))
     kind = "yaml_value" if isinstance(e, ConstructorError) else "yaml_syntax"
     msg = problem
     if context and cmark is not None and (cmark.line, cmark.column) != (line - 1, col - 1):
@@ -160,19 +184,137 @@ def _yaml_error_issue(e: YAMLError, shown: str) -> SpecIssue:
     return SpecIssue(shown, line, col, "", f"{msg} [{kind}]")
 
 
+class _Composer(Composer):
+    """Composer that bounds the document's size and refuses a reused anchor.
+
+    Depth is bounded by ruamel's own `max_depth` (set in `read_yaml`). A reused anchor (`&a` twice) is only a
+    warning in ruamel, printed raw on stderr, and which of the two values a later `*a` means then depends on
+    order: an error here, located at the second one.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.parser.peek_event()
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None and type(event).__name__ != "AliasEvent" and anchor in self.anchors:
+            first = self.anchors[anchor].start_mark
+            raise ComposerError(
+                None, None, f"anchor &{limits.shorten(anchor)} is defined twice (first at {first.line + 1}:"
+                f"{first.column + 1}); give each anchor its own name [duplicate_anchor]", event.start_mark,
+            )
+        self._sferd_nodes = getattr(self, "_sferd_nodes", 0) + 1
+        if self._sferd_nodes > limits.MAX_NODES:
+            raise ComposerError(None, None, f"the document holds more than {limits.MAX_NODES} values; a spec is "
+                                "far smaller [too_large]", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+# Characters YAML 1.2 allows in a stream (§5.1); ruamel stops at any other with an unlocated ReaderError.
+_NON_PRINTABLE = re.compile("[^\t\n\r\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _position(text: str, index: int) -> tuple[int, int]:
+    """1-based (line, column) of character `index` of `text`."""
+    line = text.count("\n", 0, index) + 1
+    return line, index - (text.rfind("\n", 0, index) + 1) + 1
+
+
+def _text_issue(text: str, shown: str) -> SpecIssue | None:
+    """Problems visible in the raw text, found before ruamel sees it.
+
+    * a character YAML does not allow (ruamel reports it by byte offset only);
+    * flow collections (`[[[[…`) nested deeper than the limit: ruamel's scanner looks ahead over every open
+      bracket for each token, so 5,000 of them take seconds before any depth limit can act. The count skips
+      quoted text and comments; a bracket inside a plain scalar counts too, which errs on the side of refusing
+      a document no real spec resembles.
+    """
+    m = _NON_PRINTABLE.search(text)
+    if m is not None:
+        line, col = _position(text, m.start())
+        return SpecIssue(shown, line, col, "", f"character {m.group()!r} is not allowed in YAML (write it as an "
+                         "escape inside double quotes if a value really needs it) [yaml_character]")
+    depth, quote, comment, prev = 0, "", False, "\n"
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if comment:
+            comment = c != "\n"
+        elif quote:
+            if quote == '"' and c == "\\":
+                i += 1  # the escaped character cannot end the string
+            elif c == quote:
+                quote = ""
+        elif c in "'\"" and (prev in " \t\n[{,:-?" or prev == "\n"):
+            quote = c
+        elif c == "#" and prev in " \t\n":
+            comment = True
+        elif c in "[{":
+            depth += 1
+            if depth > limits.MAX_DEPTH:
+                line, col = _position(text, i)
+                return SpecIssue(shown, line, col, "", f"nested deeper than {limits.MAX_DEPTH} levels [too_deep]")
+        elif c in "]}":
+            depth = max(depth - 1, 0)
+        prev = c
+        i += 1
+    return None
+
+
+def _read_bounded(path: Path, shown: str) -> bytes:
+    """The file's bytes, if it is a regular file of at most MAX_BYTES.
+
+    Opened non-blocking and checked with fstat on the open descriptor: a FIFO would block `open` and `read`
+    forever, `/dev/zero` never ends, and a check by name before opening could see another file than the one read.
+    """
+    def fail(message: str) -> SpecError:
+        return SpecError([SpecIssue(shown, 1, 1, "", message)])
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise fail("file not found [file_not_found]") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        if isinstance(e, OSError) and e.errno == errno.ELOOP:
+            raise fail("cannot read file: a loop of symbolic links [os_error]") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise fail(f"cannot read file: {limits.shorten(reason)} [os_error]") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise fail("not a regular file (a spec is a YAML file, not a device, pipe or folder) [not_a_file]")
+        if info.st_size > limits.MAX_BYTES:
+            raise fail(f"{info.st_size} bytes: a spec file holds at most {limits.MAX_BYTES} [too_large]")
+        chunks, size = [], 0
+        while size <= limits.MAX_BYTES:  # the size can change between fstat and read
+            chunk = os.read(fd, limits.MAX_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limits.MAX_BYTES:
+            raise fail(f"more than {limits.MAX_BYTES} bytes: a spec file holds at most that [too_large]")
+        return b"".join(chunks)
+    except OSError as e:
+        raise fail(f"cannot read file: {limits.shorten(e.strerror or str(e))} [os_error]") from None
+    finally:
+        os.close(fd)
+
+
 def read_yaml(path: str | Path, *, display_path: str | None = None) -> Any:
     """Load one YAML document in round-trip mode; the result is a CommentedMap with positions.
 
-    Every problem that stops us from getting a top-level mapping raises SpecError with one issue.
+    Every problem that stops us from getting a top-level mapping of plain values (`check_values`) raises
+    SpecError; nothing here raises anything else, whatever the file holds.
     """
     shown = display_path if display_path is not None else str(path)
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise SpecError([SpecIssue(shown, 1, 1, "", "file not found [file_not_found]")]) from None
-    except OSError as e:
-        raise SpecError([SpecIssue(shown, 1, 1, "", f"cannot read file: {e.strerror or e} [os_error]")]) from None
+    return _parse(_read_bounded(Path(path), shown), shown)
+
+
+@lru_cache(maxsize=16)
+def _parse(data: bytes, shown: str) -> Any:
+    """The document in `data`, parsed once per process: one command reads a spec once per scale profile and once
+    more as another spec's base or context, and ruamel is slow (pure Python). Keyed by the bytes, so an edited
+    file is parsed again; callers treat the document as read-only (validation runs on a `to_plain` copy).
+    A SpecError is not cached (lru_cache does not keep exceptions), so a broken file is simply parsed again."""
     try:
         # utf-8-sig drops a BOM, which would otherwise shift every column of line 1.
         text = data.decode("utf-8-sig")
@@ -182,18 +324,28 @@ def read_yaml(path: str | Path, *, display_path: str | None = None) -> Any:
         col = start - (data.rfind(b"\n", 0, start) + 1) + 1
         raise SpecError([SpecIssue(shown, line, col, "", "file is not UTF-8 text [encoding]")]) from None
 
-    bad_version = _version_issue(text, shown)
-    if bad_version is not None:
-        raise SpecError([bad_version])
+    early = _version_issue(text, shown) or _text_issue(text, shown)
+    if early is not None:
+        raise SpecError([early])
 
     # A fresh YAML object per file: ruamel keeps a %YAML version across loads on the same instance.
     yaml = YAML(typ="rt")
     yaml.Constructor = _Constructor
+    yaml.Composer = _Composer
+    yaml.max_depth = limits.MAX_DEPTH
     yaml.allow_duplicate_keys = False  # the default, stated because the module's promise depends on it
     try:
-        doc = yaml.load(text)
+        with warnings.catch_warnings():
+            # any warning ruamel would print raw on stderr becomes a located error instead
+            warnings.simplefilter("error")
+            doc = yaml.load(text)
+    except ReaderError as e:  # the text check above finds these first; kept in case ruamel disagrees
+        line, col = _position(text, min(max(int(e.position or 0), 0), len(text)))
+        raise SpecError([SpecIssue(shown, line, col, "", "character not allowed in YAML [yaml_character]")]) from None
     except YAMLError as e:
         raise SpecError([_yaml_error_issue(e, shown)]) from None
+    except Warning as w:
+        raise SpecError([SpecIssue(shown, 1, 1, "", f"{_one_line(str(w).strip(), limits.MAX_MESSAGE)} [yaml_warning]")]) from None
 
     if doc is None:
         raise SpecError([SpecIssue(shown, 1, 1, "", "empty document: expected a mapping of spec fields [empty_document]")])
@@ -202,7 +354,94 @@ def read_yaml(path: str | Path, *, display_path: str | None = None) -> Any:
         line, col = (lc.line + 1, lc.col + 1) if lc is not None and lc.line is not None else (1, 1)
         kind = "a list" if isinstance(doc, CommentedSeq) else f"a single {type(doc).__name__} value"
         raise SpecError([SpecIssue(shown, line, col, "", f"the top level must be a mapping, not {kind} [not_a_mapping]")])
+    issues = check_values(doc, shown)
+    if issues:
+        raise SpecError(issues)
     return doc
+
+
+def check_values(doc: CommentedMap, shown: str) -> list[SpecIssue]:
+    """Specs hold JSON's values only: mappings keyed by names or integers, lists, strings, finite numbers in int64,
+    booleans and null.
+
+    YAML can say more (dates, sets, binary, mappings or lists as keys, recursive aliases), and none of it has a
+    meaning in a spec: it would reach the models as types they never see, or crash whatever serialises the spec
+    later. Also bounds the document *after* alias expansion, which is what validation walks.
+    """
+    issues: list[SpecIssue] = []
+    sizes: dict[int, int] = {}  # expanded value count per container, so each shared alias is counted once
+    open_: set[int] = set()  # containers on the current path: a second visit is a recursive alias
+
+    def where(container: Any, key: Any, which: str = "value") -> tuple[int, int]:
+        pos = _pos(container, key, which) if container is not None else None
+        if pos is None:
+            lc = getattr(container, "lc", None)
+            pos = (lc.line, lc.col) if lc is not None and lc.line is not None else (0, 0)
+        return pos[0] + 1, pos[1] + 1
+
+    def add(container: Any, key: Any, message: str, which: str = "value") -> None:
+        line, col = where(container, key, which)
+        issues.append(SpecIssue(shown, line, col, "", message))
+
+    def scalar(value: Any, container: Any, key: Any) -> None:
+        if value is None or isinstance(value, bool):
+            return
+        if isinstance(value, int):
+            if abs(value) > limits.MAX_INT:
+                add(container, key, f"{limits.echo(value)} is too large (integers in a spec stay within ±(2**63 − 1)) "
+                    "[int_range]")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                add(container, key, "numbers must be finite (an .inf, .nan or a float beyond ~1.8e308 is not) "
+                    "[finite_number]")
+        elif isinstance(value, str):
+            if len(value) > limits.MAX_STRING:
+                add(container, key, f"a string of {len(value)} characters; at most {limits.MAX_STRING} [string_too_long]")
+            elif _CONTROL.search(value.replace("\n", "").replace("\t", "")):
+                add(container, key, f"{limits.echo(value)} holds a control character [control_character]")
+        else:
+            add(container, key, f"a YAML {type(value).__name__} value has no meaning in a spec: use a string, number, "
+                "boolean, null, list or mapping [yaml_type]")
+
+    def visit(node: Any, container: Any, key: Any) -> int:
+        if not isinstance(node, (CommentedMap, CommentedSeq)):
+            scalar(node, container, key)
+            return 1
+        if id(node) in open_:
+            add(container, key, "an alias that contains itself [recursive_alias]")
+            return 1
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if type(node) not in (CommentedMap, CommentedSeq):  # !!omap, !!pairs
+            add(container, key, f"a YAML {type(node).__name__} has no meaning in a spec: use a mapping or list "
+                "[yaml_type]")
+            return 1
+        open_.add(id(node))
+        total = 1
+        if isinstance(node, CommentedMap):
+            for k in list(node.keys()):
+                if isinstance(k, bool) or not isinstance(k, (str, int)):
+                    add(node, k, f"a mapping key must be a name or an integer, not a {type(k).__name__} [key_type]",
+                        "key")
+                    continue
+                if isinstance(k, int):
+                    scalar(k, node, k)
+                total += visit(node[k], node, k)
+                if total > limits.MAX_NODES:
+                    break
+        else:
+            for i, item in enumerate(node):
+                total += visit(item, node, i)
+                if total > limits.MAX_NODES:
+                    break
+        open_.discard(id(node))
+        sizes[id(node)] = total
+        if total > limits.MAX_NODES and not issues:
+            add(container, key, f"more than {limits.MAX_NODES} values once aliases are expanded [too_large]")
+        return total
+
+    visit(doc, None, None)
+    return issues[:20]  # a hostile document can hold thousands of the same mistake
 
 
 def to_plain(node: Any, _memo: dict[int, Any] | None = None) -> Any:

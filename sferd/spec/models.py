@@ -11,22 +11,66 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
-NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+from sferd.spec.limits import echo
+
+# Names become parts of DVC stage names, file names and commands, so they are matched whole (`fullmatch`: a `$`
+# would also accept a trailing newline) and bounded, so that a stage name built from several stays a valid file name.
+NAME_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+NAME_MAX = 40
+# Segments the compiler appends to method and scale names (`-s0004`, `-seed0001`): a name holding one could
+# produce another stage's name.
+RESERVED_SEGMENT = re.compile(r"s[0-9]+|seed[0-9]+")
+# Stage-name stems a method name would collide with (`<dataset>-teacher-s0008-fid` is the teacher's FID stage).
+RESERVED_METHOD_NAMES = frozenset({"data", "features", "teacher", "reference-stats", "heldout", "noise"})
+# Where a pipeline may live: the root (the quickstart) or its own folder under stages/ (DESIGN.md "Layout"); the value
+# reaches every stage command and the paths compile writes, so nothing else is accepted.
+PIPELINE_RE = re.compile(r"\.|stages/[a-z0-9]+(?:-[a-z0-9]+)*")
+# `extends`: a relative path of plain file-name characters (no NUL, no newline, nothing a shell or YAML would read).
+EXTENDS_RE = re.compile(r"(?:(?:\.\.|[A-Za-z0-9_][A-Za-z0-9_.-]*)/)*[A-Za-z0-9_][A-Za-z0-9_.-]*\.ya?ml")
+# A scale profile's `set:` key: dotted fields, canonical list indices (no `00`, no non-ASCII digits: two spellings
+# of one path would let YAML order decide which value wins) or `*`.
+SET_PATH_RE = re.compile(r"(?:[a-z_][a-z0-9_]*|\*|0|[1-9][0-9]{0,5})(?:\.(?:[a-z_][a-z0-9_]*|\*|0|[1-9][0-9]{0,5}))*")
+
+# Bounds of numbers with a meaning, far beyond any published configuration (PD's longest run: 800k teacher updates,
+# 8192 start steps, batch 2048 on ImageNet 64) and low enough that every derived quantity stays exact and finite.
+MAX_UPDATES = 10**8
+MAX_BATCH = 65_536
+MAX_STEPS = 65_536
+MAX_CHANNELS = 8_192
+MAX_SAMPLES = 10**7
+# Seeds: per-sample generators are seeded with 16·seed + stream (sferd.diffusion.sampler) and training generators
+# with seed + 100·steps + small offsets; torch.Generator.manual_seed accepts at most 2**64 − 1 and the samples file
+# stores seeds as int64, so every seed (and sample_seed_start + num_samples) stays below 2**59.
+SEED_LIMIT = 2**59
+MAX_LIST = 32  # step counts, seeds, methods: a spec that lists more is a mistake (and a pipeline of thousands)
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no silent coercion (`true` is not the seed 1, "2000" is not an int, 'yes' is not a bool);
+    # allow_inf_nan=False: every float is finite.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 def _is_power_of_two(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
-def _check_name(v: str) -> str:
-    if not NAME_RE.match(v):
-        raise ValueError(f"{v!r} must match [a-z0-9]+(-[a-z0-9]+)* (it becomes part of DVC stage names)")
+def _check_name(v: str, limit: int = NAME_MAX) -> str:
+    if len(v) > limit or not NAME_RE.fullmatch(v):
+        raise ValueError(f"{echo(v)} must match [a-z0-9]+(-[a-z0-9]+)*, at most {limit} characters (it becomes "
+                         "part of DVC stage names)")
+    return v
+
+
+def _check_stem(v: str) -> str:
+    """A name the compiler extends with step and seed tags (methods, scale profiles)."""
+    _check_name(v)
+    reserved = [seg for seg in v.split("-") if RESERVED_SEGMENT.fullmatch(seg)]
+    if reserved:
+        raise ValueError(f"segment {reserved[0]!r} looks like a step or seed tag (s0004, seed0001), which the compiler "
+                         "appends to stage names: choose another name")
     return v
 
 
@@ -48,6 +92,7 @@ class DataSourceSpec(Model):
     """Where a downloaded dataset lives (CIFAR-10, ImageNet 64×64); digits need none (embedded)."""
 
     data_dir: str = Field(
+        min_length=1, max_length=1024,
         description="Folder with the dataset files: CIFAR-10's `cifar-10-batches-py/` lives inside it; for "
         "ImageNet 64×64 it holds `train_data_batch_1..10.npz` and `val_data.npz`. Relative to the repo root."
     )
@@ -67,7 +112,7 @@ class DatasetSpec(Model):
         description="Fraction of images kept out of training (stratified); FID of held-out vs training "
         "images is the table's floor row.",
     )
-    split_seed: int = Field(0, ge=0, description="Seed of the train/held-out split.")
+    split_seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of the train/held-out split.")
     random_flip: bool = Field(
         False,
         description="Random horizontal flips in training (PD on CIFAR-10/ImageNet: on; digits: off, a "
@@ -100,22 +145,22 @@ class DatasetSpec(Model):
 
 
 class UNetSpec(Model):
-    base_channels: int = Field(gt=0, description="Channels at the first level (PD CIFAR-10: 256).")
-    channel_mult: list[int] = Field(
-        min_length=1, description="Channel multiplier per resolution level (PD CIFAR-10: [1, 1, 1])."
+    base_channels: int = Field(gt=0, le=MAX_CHANNELS, description="Channels at the first level (PD CIFAR-10: 256).")
+    channel_mult: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        min_length=1, max_length=8, description="Channel multiplier per resolution level (PD CIFAR-10: [1, 1, 1])."
     )
     num_res_blocks: int = Field(
-        ge=1, description="Encoder res-blocks per level; the decoder has one more (PD CIFAR-10: 3)."
+        ge=1, le=32, description="Encoder res-blocks per level; the decoder has one more (PD CIFAR-10: 3)."
     )
-    attention_resolutions: list[int] = Field(
-        description="Feature-map sizes that get self-attention (PD CIFAR-10: [16, 8])."
+    attention_resolutions: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        max_length=8, description="Feature-map sizes that get self-attention (PD CIFAR-10: [16, 8])."
     )
-    num_heads: int = Field(1, ge=1, description="Attention heads when head_channels is null (PD CIFAR-10: 1).")
+    num_heads: int = Field(1, ge=1, le=1024, description="Attention heads when head_channels is null (PD CIFAR-10: 1).")
     head_channels: int | None = Field(
-        None, ge=1, description="Channels per head; overrides num_heads (PD ImageNet 64: 64)."
+        None, ge=1, le=MAX_CHANNELS, description="Channels per head; overrides num_heads (PD ImageNet 64: 64)."
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Teacher dropout (PD CIFAR-10: 0.2). Students use 0.")
-    norm_groups: int = Field(32, ge=1, description="GroupNorm groups (32 in PD; smaller for tiny models).")
+    norm_groups: int = Field(32, ge=1, le=MAX_CHANNELS, description="GroupNorm groups (32 in PD; smaller for tiny models).")
     class_conditional: bool = Field(
         False, description="Add a class embedding to the time embedding (D6: ImageNet 64×64 is conditional)."
     )
@@ -171,7 +216,7 @@ class ExternalTeacherSpec(_TeacherFields):
     """A teacher trained elsewhere (e.g. by this suite's teacher stage on another machine): imported, not trained."""
 
     kind: Literal["external"] = Field(description="`external`: the teacher is a checkpoint file, checked by its hash.")
-    path: str = Field(description="Checkpoint file (repo-relative or absolute): a `model.pt` of this suite's teacher "
+    path: str = Field(min_length=1, max_length=1024, description="Checkpoint file (repo-relative or absolute): a `model.pt` of this suite's teacher "
                       "stage, or a bare state_dict of the same U-Net.")
     sha256: str = Field(description="SHA-256 of the file (64 hex digits); a mismatch stops the import stage.")
 
@@ -185,15 +230,15 @@ class ExternalTeacherSpec(_TeacherFields):
 
 class TeacherSpec(_TeacherFields):
     kind: Literal["train"] = Field("train", description="`train`: the teacher is trained by a pipeline stage.")
-    updates: int = Field(gt=0, description="Optimiser updates (PD does not report its teacher length).")
-    batch_size: int = Field(gt=0, description="Images per update (PD CIFAR-10: 128).")
-    lr: float = Field(gt=0.0, description="Adam learning rate after warm-up (PD CIFAR-10: 2e-4).")
-    warmup_updates: int = Field(0, ge=0, description="Linear warm-up length (PD: 1000).")
-    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (PD CIFAR-10: 0.001).")
+    updates: int = Field(gt=0, le=MAX_UPDATES, description="Optimiser updates (PD does not report its teacher length).")
+    batch_size: int = Field(gt=0, le=MAX_BATCH, description="Images per update (PD CIFAR-10: 128).")
+    lr: float = Field(gt=0.0, le=1.0, description="Adam learning rate after warm-up (PD CIFAR-10: 2e-4).")
+    warmup_updates: int = Field(0, ge=0, le=MAX_UPDATES, description="Linear warm-up length (PD: 1000).")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Decoupled weight decay (PD CIFAR-10: 0.001).")
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0, description="EMA of weights; the EMA is distilled (PD: 0.9999).")
-    grad_clip_norm: float = Field(1.0, gt=0.0, description="Global gradient-norm clip (PD: 1).")
+    grad_clip_norm: float = Field(1.0, gt=0.0, le=1e6, description="Global gradient-norm clip (PD: 1).")
     checkpoint_every_updates: int = Field(
-        500, gt=0, description="Write the resumable training state this often (a killed stage resumes)."
+        500, gt=0, le=MAX_UPDATES, description="Write the resumable training state this often (a killed stage resumes)."
     )
 
 
@@ -217,11 +262,11 @@ class FeatureNetSpec(Model):
     kind: Literal["digits-cnn"] = Field(
         "digits-cnn", description="Small CNN classifier (10 classes; grey or RGB input) trained on the spec's data."
     )
-    feature_dim: int = Field(64, ge=8, description="Width of the pooled feature used by FID.")
-    width: int = Field(32, ge=8, description="Conv channels.")
-    updates: int = Field(gt=0, description="Optimiser updates.")
-    batch_size: int = Field(128, gt=0, description="Images per update.")
-    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate.")
+    feature_dim: int = Field(64, ge=8, le=MAX_CHANNELS, description="Width of the pooled feature used by FID.")
+    width: int = Field(32, ge=8, le=MAX_CHANNELS, description="Conv channels.")
+    updates: int = Field(gt=0, le=MAX_UPDATES, description="Optimiser updates.")
+    batch_size: int = Field(128, gt=0, le=MAX_BATCH, description="Images per update.")
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate.")
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -231,30 +276,36 @@ class ChainFields(Model):
     """Fields shared by every progressive-distillation chain (PD and SFERD-PD)."""
 
     name: str = Field("pd", description="Row id in tables and stage names ([a-z0-9-]).")
-    label: str = Field("PD", description="Row label in rendered tables.")
+    label: str = Field("PD", min_length=1, max_length=80, description="Row label in rendered tables.")
     start_steps: int = Field(
+        le=MAX_STEPS,
         description="Teacher DDIM steps at the chain start; a power of two (D12: 8192 CIFAR-10, 1024 ImageNet 64)."
     )
     start_from: str | None = Field(
         None,
+        max_length=NAME_MAX,
         description="Name of an earlier method of this spec whose start_steps-step student is this chain's first "
         "teacher (null: the spec's teacher). Branches a few halvings off a shared chain, as the ablations do (§13).",
     )
-    end_steps: int = Field(1, description="Steps of the last student; a power of two below start_steps.")
-    updates_per_halving: int = Field(gt=0, description="Optimiser updates per halving (PD configs: 50k).")
-    updates_override: dict[int, int] = Field(
+    end_steps: int = Field(1, le=MAX_STEPS, description="Steps of the last student; a power of two below start_steps.")
+    updates_per_halving: int = Field(gt=0, le=MAX_UPDATES, description="Optimiser updates per halving (PD configs: 50k).")
+    updates_override: dict[int, Annotated[int, Field(le=MAX_UPDATES)]] = Field(
         default_factory=dict,
+        max_length=MAX_LIST,
         description="Student step count → updates for that halving (PD text: 100k for the 2- and 1-step students).",
     )
-    batch_size: int = Field(gt=0, description="Images per update (PD CIFAR-10: 128).")
-    lr: float = Field(gt=0.0, description="Adam learning rate, decayed linearly to 0 within each halving (PD: 5e-5).")
-    grad_clip_norm: float = Field(1.0, gt=0.0, description="Global gradient-norm clip (PD: 1).")
-    checkpoint_every_updates: int = Field(500, gt=0, description="Resumable state interval.")
+    batch_size: int = Field(gt=0, le=MAX_BATCH, description="Images per update (PD CIFAR-10: 128).")
+    lr: float = Field(gt=0.0, le=1.0, description="Adam learning rate, decayed linearly to 0 within each halving (PD: 5e-5).")
+    grad_clip_norm: float = Field(1.0, gt=0.0, le=1e6, description="Global gradient-norm clip (PD: 1).")
+    checkpoint_every_updates: int = Field(500, gt=0, le=MAX_UPDATES, description="Resumable state interval.")
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _check_name(v)
+        _check_stem(v)
+        if v in RESERVED_METHOD_NAMES:
+            raise ValueError(f"{v!r} is the name of a fixed stage (<dataset>-{v}): choose another method name")
+        return v
 
     @field_validator("start_steps", "end_steps")
     @classmethod
@@ -314,8 +365,8 @@ class AttentionBlockRef(Model):
     """Which self-attention block's map drives guidance (D9: by resolution and position, not a raw index)."""
 
     part: Literal["encoder", "middle", "decoder"] = Field("decoder", description="U-Net part (D9: decoder).")
-    resolution: int = Field(gt=0, description="Feature-map size of the block (D9: 16 on CIFAR-10, 32 on ImageNet 64).")
-    position: Union[Literal["first", "last"], Annotated[int, Field(ge=0)]] = Field(
+    resolution: int = Field(gt=0, le=4096, description="Feature-map size of the block (D9: 16 on CIFAR-10, 32 on ImageNet 64).")
+    position: Union[Literal["first", "last"], Annotated[int, Field(ge=0, le=1024)]] = Field(
         "last", description="Among that part's attention blocks at that resolution, in execution order (D9: CIFAR-10 last, ImageNet 64 first)."
     )
 
@@ -324,10 +375,10 @@ class GuidanceSpec(Model):
     """SFERD's attention guidance of the teacher (sferd-method.md §6). Defaults: the paper's best values."""
 
     attention_block: AttentionBlockRef = Field(description="Block whose received attention defines the mask.")
-    threshold: float = Field(1.0, gt=0.0, description="ψ: mask tokens with received attention > ψ (paper: best 1.0 of 0.8–1.2).")
-    strength: float = Field(0.3, ge=0.0, description="w: ε_g = ε̂ + w(ε̂ − ε̃) (D1; paper: best 0.3 of 0–0.5).")
-    blur_sigma: float = Field(3.0, gt=0.0, description="Gaussian blur σ of the masked degradation (paper: best 3 of 1, 3, 5).")
-    blur_kernel_size: int = Field(15, ge=1, description="Blur kernel size, odd (D10: 15).")
+    threshold: float = Field(1.0, gt=0.0, le=100.0, description="ψ: mask tokens with received attention > ψ (paper: best 1.0 of 0.8–1.2).")
+    strength: float = Field(0.3, ge=0.0, le=100.0, description="w: ε_g = ε̂ + w(ε̂ − ε̃) (D1; paper: best 0.3 of 0–0.5).")
+    blur_sigma: float = Field(3.0, gt=0.0, le=1000.0, description="Gaussian blur σ of the masked degradation (paper: best 3 of 1, 3, 5).")
+    blur_kernel_size: int = Field(15, ge=1, le=1023, description="Blur kernel size, odd (D10: 15).")
 
     @field_validator("blur_kernel_size")
     @classmethod
@@ -340,18 +391,18 @@ class GuidanceSpec(Model):
 class PredictorSpec(Model):
     """Semantic encoder + gradient predictor trained on a frozen student (sferd-method.md §7, D5, D13)."""
 
-    latent_dim: int = Field(512, gt=0, description="Size of the semantic code z (D13: 512).")
-    encoder_channels: list[int] | None = Field(
-        None, description="Channels of the encoder's stride-2 convs, log2(res/4) of them (null: D13 table for the resolution)."
+    latent_dim: int = Field(512, gt=0, le=2**20, description="Size of the semantic code z (D13: 512).")
+    encoder_channels: list[Annotated[int, Field(le=MAX_CHANNELS)]] | None = Field(
+        None, max_length=8, description="Channels of the encoder's stride-2 convs, log2(res/4) of them (null: D13 table for the resolution)."
     )
     init_from_student: bool = Field(
         False, description="Start the predictor's middle/decoder from the student's weights (PDAE: false, fresh init)."
     )
-    updates: int = Field(gt=0, description="Optimiser updates (not recovered from the paper: required).")
-    batch_size: int = Field(128, gt=0, description="Images per update (PDAE: 128).")
-    lr: float = Field(1e-4, gt=0.0, description="Adam learning rate (PDAE: 1e-4).")
+    updates: int = Field(gt=0, le=MAX_UPDATES, description="Optimiser updates (not recovered from the paper: required).")
+    batch_size: int = Field(128, gt=0, le=MAX_BATCH, description="Images per update (PDAE: 128).")
+    lr: float = Field(1e-4, gt=0.0, le=1.0, description="Adam learning rate (PDAE: 1e-4).")
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0, description="EMA of encoder and predictor (PDAE: 0.9999).")
-    grad_clip_norm: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
+    grad_clip_norm: float = Field(1.0, gt=0.0, le=1e6, description="Global gradient-norm clip.")
     shift_cutoff_fraction: float = Field(
         0.3, ge=0.0, le=1.0,
         description="Sampling: the shift is off for the last ⌊fraction·K⌋ of K steps (released SFERD sampler: 0.3).",
@@ -368,17 +419,17 @@ class PredictorSpec(Model):
 class LatentPriorSpec(Model):
     """Diffusion prior over normalised semantic codes (sferd-method.md §8; PDAE/DiffAE design)."""
 
-    width: int = Field(2048, gt=0, description="MLP width (D13: 2048).")
-    num_layers: int = Field(10, ge=2, description="MLP layers (D13: 10).")
-    time_emb_dim: int = Field(64, gt=0, description="Sinusoidal time embedding size (PDAE: 64).")
-    updates: int = Field(gt=0, description="Optimiser updates (not recovered from the paper: required).")
-    batch_size: int = Field(512, gt=0, description="Codes per update (PDAE: 512).")
-    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate (PDAE: 1e-3).")
-    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (PDAE: 0.01).")
+    width: int = Field(2048, gt=0, le=65_536, description="MLP width (D13: 2048).")
+    num_layers: int = Field(10, ge=2, le=256, description="MLP layers (D13: 10).")
+    time_emb_dim: int = Field(64, gt=0, le=MAX_CHANNELS, description="Sinusoidal time embedding size (PDAE: 64).")
+    updates: int = Field(gt=0, le=MAX_UPDATES, description="Optimiser updates (not recovered from the paper: required).")
+    batch_size: int = Field(512, gt=0, le=MAX_BATCH, description="Codes per update (PDAE: 512).")
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="AdamW learning rate (PDAE: 1e-3).")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay (PDAE: 0.01).")
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0, description="EMA (PDAE: 0.9999).")
     sampling_steps: int = Field(100, gt=0, le=1000, description="Latent DDIM steps at sampling (PDAE default: 100).")
-    clip_noise: float | None = Field(1.0, gt=0.0, description="Clamp the initial latent noise to ±this (released sampler: 1; null: off).")
-    clip_x0: float | None = Field(1.0, gt=0.0, description="Clamp the predicted code to ±this each step (released sampler: 1; null: off).")
+    clip_noise: float | None = Field(1.0, gt=0.0, le=1e6, description="Clamp the initial latent noise to ±this (released sampler: 1; null: off).")
+    clip_x0: float | None = Field(1.0, gt=0.0, le=1e6, description="Clamp the predicted code to ±this each step (released sampler: 1; null: off).")
 
 
 class SferdPDMethod(ChainFields):
@@ -434,16 +485,18 @@ MetricValue = Literal["fid", "isc", "precision", "recall"]
 
 
 class EvaluationSpec(Model):
-    teacher_steps: list[int] = Field(
+    teacher_steps: list[Annotated[int, Field(le=MAX_STEPS)]] = Field(
+        max_length=MAX_LIST,
         description="DDIM step counts at which the (EMA) teacher is evaluated: the no-distillation row ([]: none, "
         "e.g. an ablation whose base table has it)."
     )
-    student_steps: list[int] = Field(
+    student_steps: list[Annotated[int, Field(le=MAX_STEPS)]] = Field(
+        max_length=MAX_LIST,
         description="Student step counts evaluated for every method; each must be produced by its chain."
     )
-    num_samples: int = Field(gt=1, description="Samples per FID (paper: 50k, D8).")
+    num_samples: int = Field(gt=1, le=MAX_SAMPLES, description="Samples per FID (paper: 50k, D8).")
     sample_seed_start: int = Field(
-        0, ge=0, description="Sample k uses seed sample_seed_start + k, independent of batch size (EDM)."
+        0, ge=0, lt=SEED_LIMIT, description="Sample k uses seed sample_seed_start + k, independent of batch size (EDM)."
     )
     sample_batch_size: int = Field(
         64, gt=0, le=64, description="Sampling chunk; CPUs fall off a memory cliff above 64 at 32×32."
@@ -456,16 +509,20 @@ class EvaluationSpec(Model):
     )
     feature_weights: str | None = Field(
         None,
+        min_length=1,
+        max_length=1024,
         description="inception-v3-compat only: a local copy of torch-fidelity's Inception weights (offline "
         "machines; repo-relative or absolute). null: torch hub's cache. Checked before any sampling; its "
         "SHA-256 goes into every metrics file.",
     )
     calibration: list[Calibration] = Field(
         default_factory=list,
+        max_length=2,
         description="Calibration rows: `heldout` (held-out vs training images, a floor), `noise` (Gaussian noise images, a ceiling).",
     )
     metrics: list[MetricOption] = Field(
         ["fid"],
+        max_length=3,
         description="What every FID stage measures, all by torch-fidelity with `feature_extractor`: `fid` (required), "
         "`isc` (Inception Score from the extractor's class logits, 10 splits), `prc` (precision and recall, k = 3, "
         "of the samples against the reference set). Extra metrics get their own tables below the FID table.",
@@ -488,6 +545,15 @@ class EvaluationSpec(Model):
                 raise ValueError(f"step count {s} must be >= 1")
         return v
 
+    @field_validator("sample_seed_start")
+    @classmethod
+    def _seeds_fit(cls, v: int, info: ValidationInfo) -> int:
+        n = info.data.get("num_samples")
+        if n is not None and v + n > SEED_LIMIT:
+            raise ValueError(f"sample seeds run from sample_seed_start to sample_seed_start + num_samples − 1, which "
+                             f"must stay below 2**59 (seeds of the per-sample generators)")
+        return v
+
     @field_validator("metrics")
     @classmethod
     def _metrics(cls, v: list[str]) -> list[str]:
@@ -501,27 +567,28 @@ class EvaluationSpec(Model):
 
 class TableSpec(Model):
     id: str = Field(description="Table id; the Markdown lands at results/tables/<id>.md.")
-    title: str = Field(description="Heading of the rendered table.")
+    title: str = Field(min_length=1, max_length=200, description="Heading of the rendered table.")
 
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
-        return _check_name(v)
+        return _check_name(v, NAME_MAX + 17)  # + `-<scale profile>` when loaded at a scale
 
 
 class ReportedRow(Model):
     """Numbers printed in a paper, with their source; `null` values carry the reason."""
 
-    system: str = Field(description="Row label, e.g. 'PD (Salimans & Ho)'.")
-    method: str | None = Field(None, description="Name of the spec method this row compares with, if any.")
-    source: str = Field(description="Paper, table and version the numbers come from.")
+    system: str = Field(min_length=1, max_length=200, description="Row label, e.g. 'PD (Salimans & Ho)'.")
+    method: str | None = Field(None, max_length=NAME_MAX, description="Name of the spec method this row compares with, if any.")
+    source: str = Field(min_length=1, max_length=300, description="Paper, table and version the numbers come from.")
     metric: MetricValue = Field(
         "fid",
         description="Metric of the values: `fid`, `isc` (Inception Score), `precision` or `recall`; a metric other "
         "than FID must be computed by the spec (`evaluation.metrics`).",
     )
-    values: dict[int, float | None] = Field(description="Steps → reported value; null when not transcribed.")
-    reason: str | None = Field(None, description="Why values are null (required if any is).")
+    values: dict[Annotated[int, Field(ge=1, le=MAX_STEPS)], Annotated[float, Field(ge=-1e6, le=1e6)] | None] = Field(
+        max_length=MAX_LIST, description="Steps → reported value; null when not transcribed.")
+    reason: str | None = Field(None, max_length=300, description="Why values are null (required if any is).")
 
     @model_validator(mode="after")
     def _null_needs_reason(self) -> "ReportedRow":
@@ -535,38 +602,60 @@ class ReportedRow(Model):
 
 def _check_scales(v: dict[str, "ScaleProfile"]) -> dict[str, "ScaleProfile"]:
     for name in v:
-        _check_name(name)
+        _check_stem(name)
+        if len(name) > 16:
+            # it is appended to the pipeline folder, the table id and every stage name
+            raise ValueError(f"scale profile name {name!r} is longer than 16 characters")
     return v
+
+
+def _check_set_path(key: str) -> str:
+    """A key of a profile's `set:` (a per-key validator, so the error points at the key)."""
+    if len(key) > 200 or not SET_PATH_RE.fullmatch(key):
+        raise ValueError(f"{echo(key)} is not a path: dotted field names, list indices written plainly (0, 1, … in "
+                         "ASCII digits, no leading zeros) or `*`")
+    return key
 
 
 class ScaleProfile(Model):
     """A named size override of the spec (sferd/spec/scale.py), chosen with `--scale NAME`."""
 
-    description: str = Field(description="What the profile is for and what its numbers mean (shown in the table).")
-    set: dict[str, Any] = Field(
+    description: str = Field(max_length=2000, description="What the profile is for and what its numbers mean (shown in the table).")
+    set: dict[Annotated[str, AfterValidator(_check_set_path)], Any] = Field(
         min_length=1,
+        max_length=64,
         description="Dotted path → value, e.g. `teacher.updates: 30`, `methods.*.start_steps: 16`; `*` sets every "
         "item of a list. A whole block may be replaced (`features: {...}`).",
     )
 
 
 
+
 class Spec(Model):
     schema_version: Literal[1] = Field(description="Spec format version.")
     name: str = Field(description="Spec id ([a-z0-9-]).")
-    description: str = Field("", description="What this experiment reproduces.")
+    description: str = Field("", max_length=4000, description="What this experiment reproduces.")
     extends: str | None = Field(
         None,
+        max_length=1024,
         description="Another spec file (relative to this one) whose set-up fields this spec inherits when it does not "
         "write them: seed, seeds, dataset, features, teacher, methods, evaluation (sferd/spec/extends.py).",
     )
     pipeline: str = Field(
-        description="Folder of the generated dvc.yaml/params.json, relative to the repo root ('.' = root pipeline)."
+        max_length=7 + NAME_MAX + 17,
+        description="Folder of the generated dvc.yaml/params.json: '.' (the root pipeline, the quickstart's) or "
+        "`stages/<name>` ([a-z0-9-]). It reaches every stage's command, so nothing else is accepted.",
     )
-    seed: int = Field(ge=0, description="Seed of every training stage (sampling seeds are in `evaluation`).")
-    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Training precision. bf16 = autocast with fp32 master weights; changes results, so it is part "
+        "of every training stage's params.",
+    )
+    seed: int = Field(ge=0, lt=SEED_LIMIT, description="Seed of every training stage (sampling seeds are in `evaluation`).")
+    seeds: list[Annotated[int, Field(ge=0, lt=SEED_LIMIT)]] | None = Field(
         None,
         min_length=1,
+        max_length=16,
         description="Repeat every distillation chain (halvings, predictor, prior, FID) once per seed; the table shows "
         "mean ± std over them. Data, feature network and teacher are trained once, with `seed`. null: [seed].",
     )
@@ -575,12 +664,13 @@ class Spec(Model):
         None, description="FID feature network trained by a stage (required when feature_extractor is digits-cnn)."
     )
     teacher: Teacher = Field(description="The diffusion model every method distils: trained by a stage or imported.")
-    methods: list[Method] = Field(min_length=1, description="Distillation methods, one chain each.")
+    methods: list[Method] = Field(min_length=1, max_length=16, description="Distillation methods, one chain each.")
     evaluation: EvaluationSpec = Field(description="FID protocol, and any extra metrics.")
     table: TableSpec = Field(description="The rendered table.")
-    reported: list[ReportedRow] = Field(default_factory=list, description="Paper numbers shown beside ours.")
+    reported: list[ReportedRow] = Field(default_factory=list, max_length=64, description="Paper numbers shown beside ours.")
     scales: dict[str, ScaleProfile] = Field(
         default_factory=dict,
+        max_length=8,
         description="Named scale profiles (e.g. `smoke`: the whole pipeline in minutes on a CPU); `--scale NAME` on "
         "the CLI applies one, into its own pipeline folder, table id and stage names.",
     )
@@ -609,20 +699,28 @@ class Spec(Model):
     def chain_seeds(self) -> list[int]:
         return list(self.seeds) if self.seeds is not None else [self.seed]
 
+    @field_validator("extends")
+    @classmethod
+    def _extends(cls, v: str | None) -> str | None:
+        # a validator, not Field(pattern=): Pydantic's patterns search rather than match the whole value
+        if v is not None and not EXTENDS_RE.fullmatch(v):
+            raise ValueError(f"{echo(v)} is not a relative path of a .yaml file ([A-Za-z0-9_.-] and `/`)")
+        return v
+
     @field_validator("pipeline")
     @classmethod
     def _pipeline(cls, v: str) -> str:
-        parts = v.replace("\\", "/").split("/")
-        if v.startswith("/") or ".." in parts:
-            raise ValueError(f"{v!r} must be a relative path inside the repository")
+        if not PIPELINE_RE.fullmatch(v):
+            raise ValueError(f"{echo(v)} is not a pipeline folder: use '.' (the root pipeline) or stages/<name> with "
+                             "<name> in [a-z0-9-]")
         return v
 
 
 class ScalesBlock(BaseModel):
     """Only a spec's `scales` block: checked before a profile is applied (the rest of the spec is validated after)."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    scales: dict[str, ScaleProfile] = Field(default_factory=dict)
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+    scales: dict[str, ScaleProfile] = Field(default_factory=dict, max_length=8)
 
     @field_validator("scales")
     @classmethod

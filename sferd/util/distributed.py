@@ -1,21 +1,17 @@
 """One stage, several processes: what a `torchrun` launch looks like from inside a stage (FID sampling shards).
 
-An FID stage (`fid`, `fid_sferd`) is sharded by running its DVC command under torchrun instead of python,
-from the repository root, after its upstream stages are reproduced:
-
-    torchrun --standalone --nproc_per_node 8 -m sferd.pipeline.run digits-teacher-s0001-fid
-    dvc commit -f digits-teacher-s0001-fid   # record deps and outputs in dvc.lock, as `dvc repro` would
-
-(`-f`: DVC did not run the command itself and refuses to commit a stage it sees as changed unless forced.)
-A stage of a non-root pipeline keeps the `--params stages/<name>/params.json` of its dvc.yaml `cmd` and is
-committed as `stages/<name>/dvc.yaml:<stage>`.
+Nobody types torchrun: every stage's command is the launcher (`python -m sferd.pipeline.launch`), which starts
+`torchrun` itself when the machine-local runtime setting asks for more than one process
+(`SFERD_NPROC_PER_NODE` / `sferd.local.toml`, see `sferd.util.runtime`), and only for stage kinds that shard;
+`dvc repro` then records the stage as for any other run, with no manual commit. The process count is no part of
+the stage's params, so `dvc.lock` is the same for 1 or N processes.
 
 The stage runner needs no flag: torchrun sets WORLD_SIZE / RANK / LOCAL_RANK and `launch()` reads them; a
 plain `python -m sferd.pipeline.run` (WORLD_SIZE unset or 1) is one process with no process group at all.
 Sharding never changes a result: rank r samples whole batches of the one-process batch list and rank 0 puts
 them back in seed order (`shard_slices`, `merge_shards`), so samples.npz is byte-identical for any number of
-processes on the same kind of device. Other stage kinds know nothing of ranks: under torchrun every rank would
-run the whole stage and they would race on its outputs, so launch only FID stages this way.
+processes on the same kind of device. A stage kind that does not shard must refuse WORLD_SIZE > 1 itself (under
+torchrun every rank would run the whole stage and race on its outputs): the launcher only launches.
 
 The process group (nccl with CUDA, else gloo) is opened once per stage by `process_group()` and closed right
 after the gather, so rank 0 can go on alone (FID, writing outputs) while the other ranks exit.

@@ -70,7 +70,12 @@ def _sample_model(params: dict, seeds: np.ndarray, label: str, make_sampler=None
         shards = gather_to_main(proc, shard)
         merged = (merge_shards([{k: v.numpy() for k, v in s.items()} for s in shards], len(seeds))
                   if shards is not None else None)
-        merged = share_with_node_writers(proc, merged)  # several nodes: every node's writer gets the samples
+        if proc.multi_node:  # every node's writer gets the samples (as tensors: weights-only unpickling)
+            import torch
+
+            box = {k: torch.from_numpy(merged[k]) for k in ("images", "labels")} if merged is not None else None
+            box = share_with_node_writers(proc, box)
+            merged = {k: v.numpy() for k, v in box.items()} if box is not None else None
     if merged is None:
         return None
     return merged["images"], merged["labels"]
