@@ -151,8 +151,15 @@ def main() -> int:
     print(f"data: digits {tuple(train.shape[1:])}, {len(train)} train / {len(held)} held-out "
           f"({half} select + {len(held) - half} report)")
 
+    def trains(stage: dict) -> dict:
+        """What decides a trained network (not output paths); a params file without `precision` is fp32."""
+        keep = ("dataset", "model", "training", "guidance", "parameterization", "loss_weighting", "student_steps")
+        return {**{k: stage[k] for k in keep if k in stage}, "precision": stage.get("precision", "fp32")}
+
+    if any(trains(st)["precision"] != "fp32" for st in [tp] + [p[f"distill-{k}"] for k in (8, 4, 2, 1)]):
+        raise SystemExit("the bench trains in fp32; this params file asks for another precision")
     chain_key = {"teacher_updates": args.teacher_updates, "halving_updates": args.halving_updates,
-                 "seed": args.seed, "teacher": tp, "chain": [p[f"distill-{k}"] for k in (8, 4, 2, 1)]}
+                 "seed": args.seed, "teacher": trains(tp), "chain": [trains(p[f"distill-{k}"]) for k in (8, 4, 2, 1)]}
     tr = tp["training"]
     if args.chain_cache is not None and args.chain_cache.exists():
         cached = torch.load(args.chain_cache, weights_only=True)
