@@ -93,7 +93,8 @@ def sampling_ratios(cfg: UNetConfig, batch: int, latent_dim: int, repeats: int) 
         for k in (1, 2, 4, 8):
             t_plain = _median_time(lambda: ddim_sample(NetworkDenoiser(student, "x"), noise, k, clip=True), repeats)
             t_sferd = _median_time(lambda: sample_sferd(predictor=predictor, student=student, parameterization="x",
-                                                        noise=noise, z=z_t, num_steps=k, cutoff_fraction=0.3), repeats)
+                                                        noise=noise, z=z_t, num_steps=k, cutoff_fraction=0.3,
+                                                        shift_parameterization="x0_tweedie"), repeats)
             rows.append((k, t_plain, t_sferd, t_prior))
     return rows
 

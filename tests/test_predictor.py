@@ -372,3 +372,104 @@ def test_encoder_config_rejects_invalid(kwargs, match):
 def test_encoder_config_normalises_lists():
     a = EncoderConfig(3, 16, [64, 128], None)
     assert a == EncoderConfig(3, 16, (64, 128), None) and hash(a) == hash(EncoderConfig(3, 16, (64, 128), None))
+
+
+# ------------------------------------------------------------------------------------------------ shift form plumbing (D15)
+
+
+_STAGE_MODEL = {
+    "in_channels": 1, "out_channels": 1, "resolution": 8, "base_channels": 8, "channel_mult": [1, 2],
+    "num_res_blocks": 1, "attention_resolutions": [4], "num_heads": 1, "head_channels": None, "dropout": 0.0,
+    "num_classes": None, "norm_groups": 4,
+}
+
+
+def _stage_workspace(root) -> dict:
+    """A training split, a student and a teacher checkpoint, and the predictor stage's params (x0_direct)."""
+    import numpy as np
+
+    from fakes import write_split_arrays
+    from sferd.nn.build import build_unet
+
+    rng = np.random.default_rng(0)
+    write_split_arrays(root / "results/data/train", rng.integers(0, 256, (24, 8, 8, 1), dtype=np.uint8))
+    for name, seed in (("student", 0), ("teacher", 1)):
+        torch.manual_seed(seed)
+        net = build_unet(_STAGE_MODEL)
+        (root / f"results/{name}").mkdir(parents=True)
+        torch.save({"state_dict": net.state_dict(), "config": {"model": _STAGE_MODEL}},
+                   root / f"results/{name}/model.pt")
+    return {
+        "kind": "predictor", "seed": 0, "precision": "fp32",
+        "dataset": {"id": "digits-8x8", "heldout_fraction": 0.2, "split_seed": 0, "random_flip": False},
+        "student_steps": 1,
+        "student": {"checkpoint": "results/student/model.pt", "model": _STAGE_MODEL},
+        "teacher": {"checkpoint": "results/teacher/model.pt", "model": _STAGE_MODEL},
+        "guidance": None, "parameterization": "x", "loss_weighting": "truncated_snr",
+        "encoder": {"in_channels": 1, "resolution": 8, "channels": [32], "attention_after": None, "latent_dim": 4},
+        "predictor": {"latent_dim": 4, "encoder_channels": [32], "init_from_student": True, "updates": 2,
+                      "batch_size": 4, "lr": 1e-4, "ema_decay": 0.5, "grad_clip_norm": 1.0,
+                      "shift_cutoff_fraction": 0.3, "shift_parameterization": "x0_direct"},
+        "inputs": {"train": "results/data/train"},
+        "outputs": {"dir": "results/x-predictor", "metrics": "results/metrics/x-predictor.json"},
+    }
+
+
+def _sferd_source(form: str) -> dict:
+    from sferd.methods.latent_prior import LatentStats
+    from sferd.nn.latent_mlp import LatentMLP, LatentMLPConfig
+
+    mlp_config = {"latent_dim": 4, "width": 16, "num_layers": 2, "time_emb_dim": 8, "num_classes": None}
+    torch.save({"mlp": LatentMLP(LatentMLPConfig(**mlp_config)).state_dict(), "mlp_config": mlp_config,
+                "stats": LatentStats(mean=torch.zeros(4), std=torch.ones(4)).state_dict()}, "prior.pt")
+    return {"kind": "sferd", "checkpoint": "results/student/model.pt", "model": _STAGE_MODEL, "parameterization": "x",
+            "predictor": {"checkpoint": "results/x-predictor/predictor.pt", "latent_dim": 4, "init_from_student": True,
+                          "shift_cutoff_fraction": 0.3, "shift_parameterization": form},
+            "prior": {"checkpoint": "prior.pt", "sampling_steps": 2, "clip_noise": 1.0, "clip_x0": 1.0}}
+
+
+def test_predictor_stage_records_its_shift_form_and_sampling_refuses_another(tmp_path, monkeypatch):
+    """The form lives in predictor.pt (D15): the SFERD FID stage samples with the form training used, and a
+    checkpoint trained with another form is refused with a StageError naming both, before any sampling."""
+    from sferd.pipeline.stages import fid_sferd, predictor
+    from sferd.util.errors import StageError
+
+    monkeypatch.chdir(tmp_path)
+    params = _stage_workspace(tmp_path)
+    predictor.run("x-predictor", params)
+    ckpt = torch.load(tmp_path / "results/x-predictor/predictor.pt", weights_only=True)
+    assert ckpt["shift_parameterization"] == "x0_direct"
+    assert ckpt["config"]["predictor"]["shift_parameterization"] == "x0_direct"
+
+    from sferd.pipeline.stages.common import load_model
+
+    student = load_model("results/student/model.pt", _STAGE_MODEL)
+    sample = fid_sferd.make_sampler(_sferd_source("x0_direct"), student, 1)
+    noise = torch.randn(2, 1, 8, 8)
+    assert sample(noise, [0, 1], None).shape == (2, 1, 8, 8)
+    for other in ("x0_tweedie", "v_direct"):
+        with pytest.raises(StageError, match=rf"trained with shift_parameterization 'x0_direct'.*samples with '{other}'"):
+            fid_sferd.make_sampler(_sferd_source(other), student, 1)
+
+
+def test_a_checkpoint_older_than_the_shift_field_is_the_released_form(tmp_path, monkeypatch):
+    """predictor.pt files written before D15 hold no form: they were trained with x0_tweedie, and only that is
+    accepted for them."""
+    from sferd.methods.sferd import trained_shift_parameterization
+    from sferd.pipeline.stages import fid_sferd
+    from sferd.pipeline.stages.common import load_model
+    from sferd.util.errors import StageError
+
+    monkeypatch.chdir(tmp_path)
+    _stage_workspace(tmp_path)
+    student = load_model("results/student/model.pt", _STAGE_MODEL)
+    pred = GradientPredictor(student, latent_dim=4, init_from_student=True)
+    legacy = {"predictor": pred.state_dict_own(),
+              "config": {"student": {"checkpoint": "results/student/model.pt"},
+                         "predictor": {"latent_dim": 4, "init_from_student": True}}}
+    assert trained_shift_parameterization(legacy) == "x0_tweedie"
+    (tmp_path / "results/x-predictor").mkdir(parents=True)
+    torch.save(legacy, tmp_path / "results/x-predictor/predictor.pt")
+    fid_sferd.make_sampler(_sferd_source("x0_tweedie"), student, 1)
+    with pytest.raises(StageError, match="x0_tweedie"):
+        fid_sferd.make_sampler(_sferd_source("x0_direct"), student, 1)

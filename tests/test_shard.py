@@ -126,7 +126,7 @@ def _sferd_source(tmp_path: Path, ckpt: str) -> dict:
                 "stats": LatentStats(mean=torch.zeros(4), std=torch.ones(4)).state_dict()}, tmp_path / "prior.pt")
     return {"kind": "sferd", "checkpoint": ckpt, "model": MODEL, "parameterization": "x",
             "predictor": {"checkpoint": str(tmp_path / "predictor.pt"), "latent_dim": 4, "init_from_student": False,
-                          "shift_cutoff_fraction": 0.3},
+                          "shift_cutoff_fraction": 0.3, "shift_parameterization": "x0_tweedie"},
             "prior": {"checkpoint": str(tmp_path / "prior.pt"), "sampling_steps": 3, "clip_noise": 1.0, "clip_x0": 1.0}}
 
 

@@ -2,7 +2,10 @@
 
 The distilled student's x₀ prediction is shifted by a learned gradient of log p(z | x_t):
 
-    x̂₀^S = x̂₀^θ(x_t, t, y) + c_t · G(x_t, z, t, y),   z = E(x₀),   c_t = σ_t²/α_t (applied by the caller).
+    x̂₀^S = x̂₀^θ(x_t, t, y) + c_t · G(x_t, z, t, y),   z = E(x₀),
+
+with c_t fixed by the spec's shift parameterisation and applied by the caller (sferd.methods.sferd; D15): σ_t²/α_t
+in the released form, 1 or σ_t in the well-conditioned ones. The network is the same for every form.
 
 Sources
 -------

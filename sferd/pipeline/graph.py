@@ -356,7 +356,8 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                         "kind": "sferd",
                         "predictor": {"checkpoint": f"{pred_dir}/predictor.pt", "latent_dim": pred.latent_dim,
                                       "init_from_student": pred.init_from_student,
-                                      "shift_cutoff_fraction": pred.shift_cutoff_fraction},
+                                      "shift_cutoff_fraction": pred.shift_cutoff_fraction,
+                                      "shift_parameterization": pred.shift_parameterization},
                         "prior": {"checkpoint": f"{prior_dir}/prior.pt", "sampling_steps": prior.sampling_steps,
                                   "clip_noise": prior.clip_noise, "clip_x0": prior.clip_x0},
                     }

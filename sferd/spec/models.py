@@ -188,6 +188,8 @@ class UNetSpec(Model):
 
 Parameterization = Literal["x", "eps", "v", "both"]
 LossWeighting = Literal["truncated_snr", "snr_plus_one"]
+# sferd.methods.sferd.SHIFT_PARAMETERIZATIONS, same order (a test keeps them equal; this package imports no torch).
+ShiftParameterization = Literal["x0_tweedie", "x0_direct", "v_direct"]
 
 
 class _TeacherFields(Model):
@@ -406,6 +408,12 @@ class PredictorSpec(Model):
     shift_cutoff_fraction: float = Field(
         0.3, ge=0.0, le=1.0,
         description="Sampling: the shift is off for the last ⌊fraction·K⌋ of K steps (released SFERD sampler: 0.3).",
+    )
+    shift_parameterization: ShiftParameterization = Field(
+        "x0_tweedie",
+        description="How G enters the shift x̂₀ + c_t·G (sferd-method.md §7, D15): `x0_tweedie` c_t = σ²/α (released "
+        "SFERD/PDAE form; e¹⁰ at t = 1, so Adam barely trains the 1-step shift), `x0_direct` c_t = 1, `v_direct` "
+        "c_t = σ_t (a v-space shift). The same family of shifts and the same loss; bench/predictor_forms.py compares them.",
     )
 
     @field_validator("encoder_channels")

@@ -18,13 +18,21 @@ def make_sampler(src: dict, net, num_steps: int):
     """Build `sample(noise, seeds, y)` for a SFERD student: latent prior → z → shifted student steps."""
     from sferd.diffusion.sampler import per_sample_noise
     from sferd.methods.latent_prior import LatentDiffusion, LatentStats
-    from sferd.methods.sferd import sample_sferd
+    from sferd.methods.sferd import sample_sferd, trained_shift_parameterization
     from sferd.nn.latent_mlp import LatentMLP, LatentMLPConfig
     from sferd.nn.predictor import GradientPredictor
 
     pred_ckpt = torch_load(src["predictor"]["checkpoint"])
     if pred_ckpt["config"]["student"]["checkpoint"] != src["checkpoint"]:
         raise StageError(f"{src['predictor']['checkpoint']} was trained for another student; re-run its stage")
+    # D15: the same G means a different shift under another c_t, so sampling must use the form training used.
+    shift_form = src["predictor"]["shift_parameterization"]
+    trained_form = trained_shift_parameterization(pred_ckpt)
+    if trained_form != shift_form:
+        raise StageError(
+            f"{src['predictor']['checkpoint']} was trained with shift_parameterization {trained_form!r}, but this "
+            f"stage samples with {shift_form!r}; re-run the predictor stage (and its prior) with the spec's form"
+        )
     predictor = GradientPredictor(net, latent_dim=src["predictor"]["latent_dim"],
                                   init_from_student=src["predictor"]["init_from_student"])
     predictor.load_state_dict_own(pred_ckpt["predictor"])
@@ -44,7 +52,8 @@ def make_sampler(src: dict, net, num_steps: int):
         z_n = diffusion.ddim_sample(mlp, z_t, steps=pr["sampling_steps"], y=y, clip_noise=pr["clip_noise"], clip_x0=pr["clip_x0"])
         return sample_sferd(predictor=predictor, student=net, parameterization=src["parameterization"], noise=noise,
                             z=stats.denormalize(z_n), num_steps=num_steps,
-                            cutoff_fraction=src["predictor"]["shift_cutoff_fraction"], y=y)
+                            cutoff_fraction=src["predictor"]["shift_cutoff_fraction"],
+                            shift_parameterization=shift_form, y=y)
 
     return sample
 

@@ -25,12 +25,15 @@ def run(name: str, params: dict) -> None:
 
     import sferd
     from sferd.methods.guidance import teacher_denoiser
-    from sferd.methods.sferd import predictor_loss
+    from sferd.methods.sferd import check_shift_parameterization, predictor_loss
     from sferd.methods.training import EMA, ImageSource, Session, warmup_constant
     from sferd.nn.predictor import GradientPredictor
 
     pr = params["predictor"]
     steps = params["student_steps"]
+    # D15: how G enters the shift (c_t·G); recorded in predictor.pt so sampling uses the form training used.
+    shift_form = pr["shift_parameterization"]
+    check_shift_parameterization(shift_form)
     with Session(name, params) as s:
         split = open_training_split(params["inputs"]["train"])
         student_net = load_model(params["student"]["checkpoint"], params["student"]["model"]).to(s.device)
@@ -52,7 +55,8 @@ def run(name: str, params: dict) -> None:
             def forward(self, batch):
                 return predictor_loss(encoder=encoder, predictor=predictor, teacher=teacher,
                                       parameterization=params["parameterization"], x0=batch.x0, num_steps=steps,
-                                      draws=batch.draws, weighting=params["loss_weighting"], y=batch.y)
+                                      draws=batch.draws, weighting=params["loss_weighting"],
+                                      shift_parameterization=shift_form, y=batch.y)
 
         summary = s.train(
             module=Loss(), trainable=trainable, optimizer=opt, ema=ema,
@@ -69,6 +73,7 @@ def run(name: str, params: dict) -> None:
                 "encoder": {k: v.detach().to("cpu", copy=True) for k, v in final["encoder"].state_dict().items()},
                 "predictor": {k: v.detach().to("cpu", copy=True) for k, v in final["predictor"].state_dict_own().items()},
                 "config": params,
+                "shift_parameterization": shift_form,
                 "sferd_version": sferd.__version__,
             })
             write_json(Path(out) / "config.json", params)
