@@ -488,3 +488,15 @@ def test_compiled_files_stay_in_their_own_pipeline_folder(tmp_path, monkeypatch)
     compiled = {k[len("repo/"):].rsplit("/", 1)[0] if "/" in k[len("repo/"):] else "."
                 for k in written if k.endswith("/dvc.yaml") or k == "repo/dvc.yaml"}
     assert compiled == set(owners)  # every pipeline written, each into its owner's folder only
+
+
+# ------------------------------------------------------------------- a network the stages could not build (review)
+
+
+@pytest.mark.parametrize("line,fragment", [("    num_heads: 3\n", "num_heads=3 must divide the 16 channels"),
+                                           ("    head_channels: 7\n", "head_channels=7 must divide the 16 channels")])
+def test_attention_heads_that_do_not_split_the_channels_are_refused(repo, line, fragment):
+    """Validated before any compute: otherwise `plan` ended in an internal error and the teacher stage in a
+    traceback when it built the U-Net."""
+    text = EVIL.replace("    norm_groups: 4\n", "    norm_groups: 4\n" + line, 1)
+    _refused(repo, text, _at(text, line.split(":")[1].strip(), line.split(":")[0] + ": "), fragment)

@@ -84,7 +84,7 @@ def test_distill_runs_and_writes_outputs(tmp_path, monkeypatch):
     # leaves neither scratch state nor stray files among its outputs
     assert len(saved["config"]["code_sha256"]) == 64
     assert sorted(p.name for p in (tmp_path / "results/x-pd-s0002").iterdir()) == ["config.json", "model.pt"]
-    assert not any((tmp_path / ".sferd/scratch/x-pd-s0002").glob("*"))
+    assert [p.name for p in (tmp_path / ".sferd/scratch/x-pd-s0002").iterdir()] == ["lock"]
 
 
 def test_unknown_stage_and_missing_params(tmp_path, monkeypatch, capsys):

@@ -232,3 +232,42 @@ def test_torch_compile_trains_the_same_weights_within_tolerance(tmp_path):
     b, _, _ = _run(tmp_path / "compiled", updates=4, compile=True)
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+
+
+def test_resume_key_covers_the_content_of_the_inputs(tmp_path):
+    """A halving killed mid-way must not resume against a teacher retrained in between (same params, other bytes)."""
+    from sferd.methods.checkpoints import input_fingerprints
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t/model.pt").write_bytes(b"teacher v1")
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split/images.npy").write_bytes(b"images")
+    params = {"seed": 0, "teacher": {"checkpoint": "t/model.pt"}, "inputs": {"train": "split"},
+              "outputs": {"dir": "out"}}
+    first = input_fingerprints(params, tmp_path)
+    assert set(first) == {"t/model.pt", "split/images.npy"}
+    (tmp_path / "t/model.pt").write_bytes(b"teacher v2")
+    second = input_fingerprints(params, tmp_path)
+    assert resume_key(params, first) != resume_key(params, second)
+    assert resume_key(params, second) == resume_key(params, input_fingerprints(params, tmp_path))
+
+
+def test_a_corrupt_state_is_set_aside_so_two_good_ones_remain(tmp_path):
+    with pytest.raises(Killed):
+        _run(tmp_path, kill_at=25)
+    store = CheckpointStore("t", tmp_path)
+    store.path(20).write_bytes(b"not a state")
+    assert store.load_latest(resume_key({"seed": 3, "training": {"lr": 1e-2, "checkpoint_every_updates": 10}})) \
+        is not None
+    assert store.steps() == [10] and (store.dir / "state-0000000020.pt.corrupt").is_file()
+
+
+def test_a_second_run_of_the_same_stage_is_refused_while_the_first_holds_the_lock(tmp_path):
+    first = CheckpointStore("t", tmp_path)
+    first.lock()
+    try:
+        with pytest.raises(StageError, match="another run of stage t holds"):
+            CheckpointStore("t", tmp_path).lock()
+    finally:
+        first.unlock()
+    CheckpointStore("t", tmp_path).lock()  # free again

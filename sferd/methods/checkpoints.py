@@ -12,7 +12,9 @@ next start) and never a half-written `state-*.pt` under its final name. Should a
 
 What resumes: a state whose resume key equals the stage's. The key hashes the stage's resolved params and code,
 minus operational settings (checkpoint interval; process count and micro-batch never enter params at all), so
-changing how often a stage checkpoints or on how many GPUs it runs never throws work away.
+changing how often a stage checkpoints or on how many GPUs it runs never throws work away — and the *content* of
+every file the stage reads (its teacher, student or predictor checkpoint, its data split): a halving killed
+mid-way must not resume against a teacher that was retrained in between, although its params are the same.
 """
 
 from __future__ import annotations
@@ -29,15 +31,54 @@ from typing import Any
 
 SCRATCH_ROOT = Path(".sferd") / "scratch"
 KEEP = 2
+LOCK = "lock"
 _STATE = re.compile(r"state-(\d{10})\.pt")
 
 # Operational params: how a stage runs, not what it computes (dotted paths into the stage's params).
 OPERATIONAL = ("training.checkpoint_every_updates", "checkpoint_every_updates")
 
 
-def resume_key(params: dict[str, Any]) -> str:
-    """SHA-256 of the params (incl. the code fingerprint the runner adds) without the operational settings."""
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def input_fingerprints(params: dict[str, Any], root: Path | str = ".") -> dict[str, str]:
+    """SHA-256 of every input the stage reads: each `checkpoint` path anywhere in its params, and the files of each
+    `inputs` entry (a file, or a split folder's files). Missing inputs are left out: the stage fails on them anyway.
+    Hashing a 15.7 GB split costs seconds next to hours of training."""
+    paths: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "checkpoint" and isinstance(v, str):
+                    paths.add(v)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk({k: v for k, v in params.items() if k != "outputs"})
+    paths.update(v for v in (params.get("inputs") or {}).values() if isinstance(v, str))
+    out: dict[str, str] = {}
+    for rel in sorted(paths):
+        p = Path(root) / rel
+        files = sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p] if p.is_file() else []
+        for f in files:
+            out[f.relative_to(root).as_posix() if Path(root) in f.parents else str(f)] = _file_sha256(f)
+    return out
+
+
+def resume_key(params: dict[str, Any], inputs: dict[str, str] | None = None) -> str:
+    """SHA-256 of the params (incl. the code fingerprint the runner adds) without the operational settings, and of
+    the inputs' content (`input_fingerprints`)."""
     p = copy.deepcopy(params)
+    p["__inputs__"] = dict(sorted((inputs or {}).items()))
     for dotted in OPERATIONAL:
         *parents, leaf = dotted.split(".")
         node: Any = p
@@ -87,14 +128,21 @@ class CheckpointStore:
     def save(self, step: int, state: dict[str, Any]) -> None:
         import torch
 
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.dir)
+        from sferd.util.errors import StageError
+
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.dir)
+        except OSError as e:
+            raise StageError(f"cannot write training state in {self.dir}: {e.strerror or e}") from None
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(state, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path(step))
+        except OSError as e:  # a full disk, a permission: one line; the previous states are untouched
+            raise StageError(f"cannot write training state {self.path(step)}: {e.strerror or e}") from None
         finally:
             Path(tmp).unlink(missing_ok=True)
         _fsync_dir(self.dir)
@@ -116,6 +164,8 @@ class CheckpointStore:
                 reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
                 print(f"{self.label}: {path} is unreadable ({reason}); falling back to the previous state",
                       file=sys.stderr)
+                # set aside, so the pruning of the newest two keeps two *good* states
+                path.replace(path.with_name(path.name + ".corrupt"))
                 continue
             if state["key"] != key:
                 print(f"{self.label}: saved state is for another config or code; starting over", file=sys.stderr)
@@ -127,5 +177,28 @@ class CheckpointStore:
     def clear(self) -> None:
         if self.dir.is_dir():
             for p in self.dir.iterdir():
-                if p.is_file():
+                if p.is_file() and p.name != LOCK:
                     p.unlink(missing_ok=True)
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on this stage's scratch folder for the life of the process: a second run of the
+        same stage (an orphaned torchrun, a second `dvc repro` elsewhere in this clone) refuses instead of pruning
+        this one's states and overwriting its outputs."""
+        import fcntl
+
+        from sferd.util.errors import StageError
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.dir / LOCK, "a+")
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            self._lock = None
+            raise StageError(f"another run of stage {self.label} holds {self.dir / LOCK}: wait for it or stop it "
+                             "first") from None
+
+    def unlock(self) -> None:
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.close()

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from sferd.data.arrays import to_model_range
-from sferd.methods.checkpoints import CheckpointStore, resume_key
+from sferd.methods.checkpoints import CheckpointStore, input_fingerprints, resume_key
 from sferd.methods.draws import SampleDraws
 from sferd.nn.dropout import sample_keys
 from sferd.util.artifacts import atomic_write_text
@@ -51,7 +51,7 @@ from sferd.util.distributed import Launch, launch, process_group
 from sferd.util.errors import StageError
 from sferd.util.machine import machine_record
 from sferd.util.progress import Progress
-from sferd.util.runtime import Runtime, runtime_settings
+from sferd.util.runtime import Runtime, apply_backend_flags, runtime_settings
 
 # Streams of the per-sample generators: data choice (index, flip) apart from the loss's draws, so a loader can
 # prefetch batches without touching the generators the loss uses.
@@ -215,11 +215,12 @@ class Session:
     # -- context ---------------------------------------------------------------------------------------------
 
     def __enter__(self) -> "Session":
+        if self.proc.is_writer:
+            self.store.lock()
         self._stack.enter_context(process_group(self.proc))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = self.runtime.tf32
-            torch.backends.cudnn.allow_tf32 = self.runtime.tf32
+        apply_backend_flags(self.runtime, self.device)
         seed_everything(int(self.params.get("seed", 0)))
         return self
 
@@ -231,6 +232,7 @@ class Session:
                     self.store.clear()
         finally:
             self._stack.close()
+            self.store.unlock()
 
     @property
     def is_writer(self) -> bool:
@@ -302,7 +304,8 @@ class Session:
         lo, hi = batch_size * proc.rank // w, batch_size * (proc.rank + 1) // w
         micro = rt.micro_batch or (hi - lo)
 
-        key = resume_key(self.params)
+        # the writers hash the stage's inputs (they alone load and save states); the others need no key
+        key = resume_key(self.params, input_fingerprints(self.params, self.root)) if proc.is_writer else ""
         base_lrs = [g["lr"] for g in optimizer.param_groups]
         start, recent, rows = 0, [], []
         state = self._resume(key)

@@ -97,6 +97,26 @@ def torchrun_main(args: list[str]) -> int:
     return 0
 
 
+def _cuda_devices() -> int:
+    """CUDA devices on this node (0 without CUDA). Imports torch: only on the path that starts torchrun anyway."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the launcher dies, however it dies (SIGKILL, the OOM killer, a CI
+    timeout). Otherwise an orphaned torchrun would go on training beside the next `dvc repro` of the same stage
+    (the stage's scratch lock then refuses the newcomer, but the orphan would still hold the machine)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1 (Linux)
+    except (OSError, AttributeError):  # not Linux: nothing to set
+        pass
+
+
 def _run_child(cmd: list[str], env: dict[str, str], stage: str) -> int:
     """Run torchrun as a child and wait, forwarding SIGINT/SIGTERM once.
 
@@ -106,7 +126,7 @@ def _run_child(cmd: list[str], env: dict[str, str], stage: str) -> int:
     import signal
     import subprocess
 
-    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
     def forward(signum, _frame):
         if child.poll() is None:
@@ -145,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if kind in SHARDABLE and (rt.nnodes > 1 or nproc > 1):
         nproc = rt.procs_per_node()
+        gpus = _cuda_devices()
+        if gpus and nproc > gpus:  # rank LOCAL_RANK runs on cuda:LOCAL_RANK: more ranks than GPUs cannot start
+            print(f"{args.stage}: error: {nproc} processes per node asked for, but this node has {gpus} CUDA "
+                  f"device(s): set SFERD_NPROC_PER_NODE (or nproc_per_node in sferd.local.toml) to at most {gpus}, "
+                  'or to "gpu"', file=sys.stderr)
+            return 1
         cmd = torchrun_command(torchrun_args(nproc, rt.nnodes, args.params, args.stage,
                                              rdzv_endpoint=rt.rdzv_endpoint, rdzv_id=rt.rdzv_id))
         return _run_child(cmd, {**os.environ, **rt.as_env()}, args.stage)

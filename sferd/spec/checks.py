@@ -158,6 +158,21 @@ def check_spec(spec: Spec) -> list[Problem]:
                 (("teacher", "model", "attention_resolutions", k),
                  f"the U-Net has no {r}×{r} level at {res}×{res} input (levels: {levels})")
             )
+    # the heads must split the channels of every attention block: the listed levels and the middle block (deepest
+    # level); the U-Net refuses anything else when a stage builds it, which would be a traceback after compile
+    attn_levels = {k for k, r in enumerate(levels) if r in model.attention_resolutions} | {len(levels) - 1}
+    for k in sorted(attn_levels):
+        ch = model.base_channels * model.channel_mult[k]
+        if model.head_channels is not None and ch % model.head_channels:
+            problems.append((("teacher", "model", "head_channels"),
+                             f"head_channels={model.head_channels} must divide the {ch} channels of the attention "
+                             f"block at {levels[k]}×{levels[k]}"))
+            break
+        if model.head_channels is None and ch % model.num_heads:
+            problems.append((("teacher", "model", "num_heads"),
+                             f"num_heads={model.num_heads} must divide the {ch} channels of the attention block at "
+                             f"{levels[k]}×{levels[k]}"))
+            break
     digits = spec.dataset.id.startswith("digits-")
     if digits and spec.dataset.source is not None:
         problems.append((("dataset", "source"), "digits are embedded in scikit-learn: remove `source`"))

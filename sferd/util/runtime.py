@@ -217,3 +217,16 @@ def runtime_settings(root: Path | None = None, env: Mapping[str, str] | None = N
             f"{where}: nnodes = {runtime.nnodes} needs rdzv_endpoint (host:port on the first node, the same on every "
             f"node): set {ENV_PREFIX}RDZV_ENDPOINT or rdzv_endpoint in {LOCAL_FILE}")
     return runtime
+
+
+def apply_backend_flags(rt: Runtime, device) -> None:
+    """The runtime's TF32 choice on a CUDA device, for every stage kind (training and sampling alike): torch's
+    own default lets cuDNN convolutions run in TF32, which would make `tf32 = false` untrue for sampling. cuDNN's
+    autotuner stays off: it may pick other kernels from run to run. Nothing to do on the CPU."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = rt.tf32
+    torch.backends.cudnn.allow_tf32 = rt.tf32
+    torch.backends.cudnn.benchmark = False

@@ -94,6 +94,9 @@ def _sample_shard(params: dict, seeds: np.ndarray, label: str, make_sampler, pro
     src = params["source"]
     model_cfg = src["model"]
     device = proc.device
+    from sferd.util.runtime import apply_backend_flags, runtime_settings
+
+    apply_backend_flags(runtime_settings(), device)  # the machine's TF32 choice holds for sampling too
     net = load_model(src["checkpoint"], model_cfg).to(device)
     if make_sampler is not None:  # a method-specific sampler (SFERD: latent prior + shifted student)
         sample = make_sampler(src, net, params["steps"])
