@@ -30,16 +30,7 @@ from sferd.diffusion.denoiser import NetworkDenoiser  # noqa: E402
 from sferd.methods.draws import GeneratorDraws, SampleDraws  # noqa: E402
 from sferd.methods.teacher import teacher_loss  # noqa: E402
 from sferd.nn.unet import UNet, UNetConfig  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from sferd.util.machine import cpu_model  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -56,16 +56,7 @@ from sferd.methods.training import EMA, linear_to_zero, warmup_constant  # noqa:
 from sferd.nn.build import build_unet  # noqa: E402
 from sferd.nn.predictor import GradientPredictor  # noqa: E402
 from sferd.pipeline.stages.predictor import build_encoder  # noqa: E402
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from sferd.util.machine import cpu_model  # noqa: E402
 
 
 def _load_params(path: Path, method: str) -> dict[str, dict]:
@@ -139,7 +130,7 @@ def main() -> int:
 
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
-    print(f"machine: {_cpu_model()}; torch {torch.__version__}; {torch.get_num_threads()} threads "
+    print(f"machine: {cpu_model()}; torch {torch.__version__}; {torch.get_num_threads()} threads "
           f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); python {platform.python_version()}")
     print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
 
