@@ -499,6 +499,136 @@ def render(
         print(f"wrote {output}")
 
 
+FEATURES_ASSETS = Path("assets/features")
+
+
+def features_asset(dataset_id: str, version: str) -> Path:
+    """Where `features-train` writes a version: named by the dataset id (digits-8x8 and digits-16x16 weights differ,
+    though both datasets' stage names say `digits`), the network kind and the version."""
+    return FEATURES_ASSETS / f"{dataset_id}-digits-cnn-{version}.pt"
+
+
+def _publish(staged: Path, target: Path) -> bool:
+    """Move a finished file to `target` unless something is there already; False when it is. A hard link is the
+    atomic "create if absent" of POSIX; where links are not supported, a check and a rename."""
+    import os
+
+    try:
+        os.link(staged, target)
+    except FileExistsError:
+        return False
+    except OSError:
+        if target.exists():
+            return False
+        os.replace(staged, target)
+    return True
+
+
+@app.command("features-train")
+def features_train(
+    spec: Path = typer.Argument(..., help="Spec whose `features` block (training settings) and data split to use."),
+    version: str = typer.Option(..., "--version", help="New weights version: lowercase letters, digits, dots and dashes, starting with a letter or digit (e.g. v2)."),
+    scale: Optional[str] = typer.Option(None, "--scale", help=SCALE_HELP),
+) -> None:
+    """Train the FID feature network once, as the `features` stage would, and write it as a new fixed version.
+
+    Builds the spec's data split in a temporary folder, trains with the spec's `features` settings (the same
+    engine, seed and draws as the stage), writes assets/features/<dataset-id>-digits-cnn-<version>.pt and a JSON
+    sidecar beside it (settings, data, accuracy, torch and machine, sha256), and prints the `weights:` block to
+    put under `features:` in the spec. An existing version is never overwritten: weights trained on another
+    machine differ in the last float digits, so a version names one file forever. Run from the repository root.
+
+    Examples:
+      sferd-spec features-train specs/quickstart.yaml --version v2
+    """
+    from sferd.spec.models import WEIGHTS_VERSION_MAX, WEIGHTS_VERSION_RE
+
+    if len(version) > WEIGHTS_VERSION_MAX or not WEIGHTS_VERSION_RE.fullmatch(version):
+        raise typer.BadParameter(f"must match [a-z0-9][a-z0-9.-]*, at most {WEIGHTS_VERSION_MAX} characters",
+                                 param_hint="--version")
+    [(path, s)] = _load_all([spec], scale)
+    if s.features is None:
+        from sferd.spec import spec_issue
+
+        _fail([spec_issue(path, ("evaluation", "feature_extractor"), "features-train needs a `features` block (this "
+                          "spec's FID does not use the digits-cnn)", display_path=path.as_posix())])
+    if not path.resolve().is_relative_to(Path.cwd().resolve()):
+        _err(f"error: {path} is outside the current folder: run features-train from the repository root")
+        raise typer.Exit(1)
+    target = features_asset(s.dataset.id, version)
+    sidecar = target.with_suffix(".json")
+    for f in (target, sidecar):
+        if f.exists():
+            _err(f"error: {f} exists: a weights version is never overwritten; choose a new --version")
+            raise typer.Exit(1)
+
+    import copy
+    import shutil
+    import tempfile
+
+    from sferd.pipeline.stages import data as data_stage, features as feat_stage
+    from sferd.util.artifacts import canonical_json, sha256_file
+    from sferd.util.errors import StageError
+
+    graph = _graph(s, path)
+    [data_st] = [st for st in graph if st.kind == "data"]
+    [feat_st] = [st for st in graph if st.kind == "features"]
+    FEATURES_ASSETS.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".features-train-", dir=FEATURES_ASSETS))  # same file system: link works
+    written: list[Path] = []
+
+    def write(trained) -> None:
+        from sferd.nn.digits_cnn import save_digits_cnn
+
+        record = feat_stage.weights_record(params)
+        held, train_acc = round(trained.heldout_accuracy, 6), round(trained.train_accuracy, 6)
+        # the file describes itself (the stage checks these against the spec); all plain data, weights_only-safe
+        save_digits_cnn(staging / target.name, trained.net,
+                        config={**trained.config, "version": version, **record, "heldout_accuracy": held})
+        sha = sha256_file(staging / target.name)
+        side = {"version": version, "file": target.name, "sha256": sha, "spec": path.as_posix(), "stage": feat_st.name,
+                **record, "network": {k: params["network"][k] for k in ("kind", "feature_dim", "width")},
+                **{k: trained.config[k] for k in ("channels", "resolution")},
+                "heldout_accuracy": held, "train_accuracy": train_acc,
+                "loss_mean_recent": trained.summary["loss_mean_recent"], "sferd_version": sferd.__version__,
+                "torch": trained.summary["machine"]["torch"], "machine": trained.summary["machine"]}
+        (staging / sidecar.name).write_text(canonical_json(side), encoding="utf-8")
+        if not _publish(staging / target.name, target):
+            raise StageError(f"{target} appeared while training: a weights version is never overwritten; "
+                             "choose a new --version")
+        written.append(target)
+        if not _publish(staging / sidecar.name, sidecar):
+            raise StageError(f"{sidecar} appeared while training; choose a new --version")
+        written.append(sidecar)
+        print(f"wrote {target} (sha256 {sha}, held-out accuracy {held:.4f}, train accuracy {train_acc:.4f})")
+        print(f"wrote {sidecar}")
+        print(f"put this under `features:` in {path.as_posix()} (then `sferd-spec compile`):")
+        print(f"  weights:\n    version: {version}\n    path: {target.as_posix()}\n    sha256: {sha}")
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="sferd-features-train-") as tmp:
+            work = Path(tmp)
+            # the data stage's own code on the spec's dataset: the very split the stage trains on
+            data_stage.run(data_st.name, {**data_st.params, "outputs": {"dir": str(work / "data")}})
+            params = copy.deepcopy(feat_st.params)
+            params.pop("weights", None)  # retraining: the spec's current weights play no part
+            params["inputs"] = {"train": str(work / "data/train"), "heldout": str(work / "data/heldout")}
+            params["outputs"] = {"dir": str(work / "out"), "metrics": str(work / "metrics.json")}
+            # the stage's name: the same per-sample draws as the stage; scratch state in the temporary folder
+            feat_stage.train_network(feat_st.name, params, write, root=work)
+    except StageError as e:
+        for f in reversed(written):  # a version is a .pt with its sidecar, or nothing
+            f.unlink(missing_ok=True)
+        _err(f"sferd-spec features-train: error: {e}")
+        raise typer.Exit(1)
+    except BaseException:
+        for f in reversed(written):
+            f.unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 INDEX_PATH = Path("results/README.md")
 
 

@@ -16,6 +16,8 @@ REF_SHA256 = "ref_sha256"
 FID_IMPL = "fid_impl"
 FEATURE_EXTRACTOR = "feature_extractor"
 WEIGHTS_SHA256 = "weights_sha256"
+# the feature network's weights version (`features.weights.version`), when the spec fixes one; absent otherwise
+WEIGHTS_VERSION = "weights_version"
 STAGE = "stage"
 # beyond FID, when the spec's `evaluation.metrics` asks for them (values first, then the settings behind them)
 ISC = "isc"  # Inception Score: mean over the splits, from the extractor's class logits
@@ -39,6 +41,7 @@ ALL_KEYS = (
     FID_IMPL,
     FEATURE_EXTRACTOR,
     WEIGHTS_SHA256,
+    WEIGHTS_VERSION,
     STAGE,
     ISC,
     ISC_STD,

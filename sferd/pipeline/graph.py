@@ -98,6 +98,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
 
     # ---- FID feature network (quickstart)
     feat_weights: str | None = None
+    feat_version: str | None = None  # the fixed weights' version, recorded by every FID stage (table footer)
     feat_deps: tuple[str, ...] = ()
     if spec.features is not None:
         feat_name = f"{p}-features"
@@ -105,6 +106,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
         feat_weights = f"{feat_dir}/model.pt"
         feat_deps = (feat_dir,)
         f = spec.features
+        weights = f.weights.model_dump(mode="json") if f.weights is not None else None
         stages.append(
             Stage(
                 name=feat_name,
@@ -114,16 +116,24 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                     "seed": spec.seed,
                     "precision": spec.precision,
                     "dataset": ds,
-                    "network": f.model_dump(mode="json"),
+                    "network": f.model_dump(mode="json", exclude={"weights"}),
+                    # fixed versioned weights: verified, not trained (sferd/pipeline/stages/features.py); only when
+                    # given, so a spec that trains its network keeps its params (and DVC cache)
+                    **({"weights": weights} if weights is not None else {}),
                     "inputs": {"train": train_split, "heldout": heldout_split},
                     "outputs": {"dir": feat_dir, "metrics": metrics_path(feat_name)},
                 },
-                deps=(data_dir,),
+                # the weights file itself is a dep: replacing it re-runs the stage (and the stage refuses it unless
+                # the spec's sha256 was changed too)
+                deps=(data_dir, *((f.weights.path,) if f.weights is not None else ())),
                 outs=(feat_dir,),
                 metrics=(metrics_path(feat_name),),
-                cost={"forward_passes": 3.0 * f.updates * f.batch_size},
+                # verifying costs two passes over the data; training 3 passes per image per update
+                cost={"forward_passes": 0.0 if f.weights is not None else 3.0 * f.updates * f.batch_size},
             )
         )
+        if f.weights is not None:
+            feat_version = f.weights.version
 
     # ---- teacher
     t = spec.teacher
@@ -302,6 +312,8 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
         "image_shape": [spec.dataset.channels, spec.dataset.resolution, spec.dataset.resolution],
         "dataset": ds,
     }
+    if feat_version is not None:  # absent without fixed weights, so those specs keep their params (and DVC cache)
+        fid_common["feature_weights_version"] = feat_version
     extra = extra_metrics(ev)
     if extra:  # absent at the default, so specs without extra metrics keep their params (and DVC cache)
         fid_common["extra_metrics"] = extra
@@ -416,7 +428,7 @@ def training_log_path(name: str) -> str:
 def with_training_log(stage: Stage) -> Stage:
     """A training stage also writes its per-update log (loss, gradient norm, lr, images/s), declared as a DVC plot
     beside its metrics: uncached and not a dependency of anything, since its timings differ on every run."""
-    if stage.kind not in TRAINING_KINDS:
+    if stage.kind not in TRAINING_KINDS or stage.params.get("weights") is not None:  # fixed weights: no training
         return stage
     log = training_log_path(stage.name)
     params = {**stage.params, "outputs": {**stage.params["outputs"], "train_log": log}}

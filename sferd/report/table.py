@@ -150,6 +150,10 @@ def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[
     ]
     present = df[df["present"]]
     prov_keys = ["fid_impl", "feature_extractor", "weights_sha256", "ref", "num_samples", "seeds"]
+    fid_present = present[present["steps"].notna()]
+    # the feature weights' version, when the FID stages recorded one (fixed versioned weights, features.weights)
+    if any(keys.WEIGHTS_VERSION in rec["metrics_data"] for _, rec in fid_present.iterrows()):
+        prov_keys.insert(prov_keys.index("weights_sha256") + 1, keys.WEIGHTS_VERSION)
     prov_keys += [k for option in extra_metrics for k in EXTRA_PROVENANCE[option]]
     provenance: dict[str, list[str]] = {k: [] for k in prov_keys}
     for _, rec in present[present["steps"].notna()].iterrows():

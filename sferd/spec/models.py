@@ -29,6 +29,12 @@ RESERVED_METHOD_NAMES = frozenset({"data", "features", "teacher", "reference-sta
 PIPELINE_RE = re.compile(r"\.|stages/[a-z0-9]+(?:-[a-z0-9]+)*")
 # `extends`: a relative path of plain file-name characters (no NUL, no newline, nothing a shell or YAML would read).
 EXTENDS_RE = re.compile(r"(?:(?:\.\.|[A-Za-z0-9_][A-Za-z0-9_.-]*)/)*[A-Za-z0-9_][A-Za-z0-9_.-]*\.ya?ml")
+# A versioned weights file committed to the repo (`features.weights.path`): repo-relative, plain file-name
+# characters, every segment starting with a letter, digit or `_` (so no `..`, no `.`, no absolute path), ending `.pt`.
+ASSET_PATH_RE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)*[A-Za-z0-9_][A-Za-z0-9_.-]*\.pt")
+# A weights version: becomes part of a file name (`<dataset-id>-digits-cnn-<version>.pt`) and of every FID metrics file.
+WEIGHTS_VERSION_RE = re.compile(r"[a-z0-9][a-z0-9.-]*")
+WEIGHTS_VERSION_MAX = 40
 # A scale profile's `set:` key: dotted fields, canonical list indices (no `00`, no non-ASCII digits: two spellings
 # of one path would let YAML order decide which value wins) or `*`.
 SET_PATH_RE = re.compile(r"(?:[a-z_][a-z0-9_]*|\*|0|[1-9][0-9]{0,5})(?:\.(?:[a-z_][a-z0-9_]*|\*|0|[1-9][0-9]{0,5}))*")
@@ -257,9 +263,55 @@ Teacher = Annotated[
 ]
 
 
+def _check_sha256(v: str) -> str:
+    if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+        raise ValueError("sha256 must be 64 lowercase hexadecimal digits (`sha256sum FILE` prints it)")
+    return v
+
+
+class FeatureWeightsSpec(Model):
+    """A fixed, versioned weights file of the feature network, committed to git with its SHA-256 (like Inception's).
+
+    Written by `sferd-spec features-train SPEC --version V`; the features stage verifies it and trains nothing, so
+    FIDs measured on different machines use the same features and can be compared."""
+
+    version: str = Field(
+        max_length=WEIGHTS_VERSION_MAX,
+        description="Weights version ([a-z0-9][a-z0-9.-]*, e.g. v1); named in every FID metrics file and table footer.",
+    )
+    path: str = Field(
+        max_length=1024,
+        description="Repo-relative path of the .pt file (assets/features/<dataset-id>-digits-cnn-<version>.pt); "
+        "committed to git, not DVC.",
+    )
+    sha256: str = Field(description="SHA-256 of the file (64 lowercase hex digits); a mismatch stops the features stage.")
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not WEIGHTS_VERSION_RE.fullmatch(v):
+            raise ValueError(f"{echo(v)} is not a weights version: use [a-z0-9][a-z0-9.-]* (e.g. v1, v2.1)")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        # a validator, not Field(pattern=): Pydantic's patterns search rather than match the whole value
+        if not ASSET_PATH_RE.fullmatch(v):
+            raise ValueError(f"{echo(v)} is not a repo-relative path of a .pt file ([A-Za-z0-9_.-] and `/`, no `..`, "
+                             "not absolute)")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str) -> str:
+        return _check_sha256(v)
+
+
 class FeatureNetSpec(Model):
-    """The offline FID feature network: a small CNN classifier trained by a stage on the spec's training split (the
-    quickstart's digits; CIFAR-10 when a paper spec runs at smoke scale, where no Inception weights exist)."""
+    """The offline FID feature network: a small CNN classifier on the spec's training split (the quickstart's digits;
+    CIFAR-10 when a paper spec runs at smoke scale, where no Inception weights exist). With `weights`, a fixed
+    versioned file is verified and used; without, a stage trains the network on the machine that runs it."""
 
     kind: Literal["digits-cnn"] = Field(
         "digits-cnn", description="Small CNN classifier (10 classes; grey or RGB input) trained on the spec's data."
@@ -269,6 +321,13 @@ class FeatureNetSpec(Model):
     updates: int = Field(gt=0, le=MAX_UPDATES, description="Optimiser updates.")
     batch_size: int = Field(128, gt=0, le=MAX_BATCH, description="Images per update.")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate.")
+    weights: FeatureWeightsSpec | None = Field(
+        None,
+        description="The fixed, versioned weights file the features stage verifies and uses (no training). The "
+        "settings above say how it was trained and are what `sferd-spec features-train` retrains with. null: the "
+        "stage trains the network itself, and since CPU float results differ between machines so do the weights, "
+        "so FIDs from two machines are not comparable.",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -669,7 +728,8 @@ class Spec(Model):
     )
     dataset: DatasetSpec = Field(description="Data and resolution.")
     features: FeatureNetSpec | None = Field(
-        None, description="FID feature network trained by a stage (required when feature_extractor is digits-cnn)."
+        None, description="FID feature network: fixed versioned weights, or trained by a stage (required when "
+        "feature_extractor is digits-cnn)."
     )
     teacher: Teacher = Field(description="The diffusion model every method distils: trained by a stage or imported.")
     methods: list[Method] = Field(min_length=1, max_length=16, description="Distillation methods, one chain each.")

@@ -222,6 +222,10 @@ def run(name: str, params: dict, *, make_sampler=None, extra_metrics=None) -> No
             keys.REF: params["reference"]["name"],
             keys.REF_SHA256: ref_stats["ref_sha256"],
             **provenance,
+            # the fixed feature weights' version (features.weights), beside their measured hash: the table footer
+            # names it, so two tables' FIDs are comparable only when it matches. Absent for weights trained here.
+            **({keys.WEIGHTS_VERSION: params["feature_weights_version"]}
+               if params.get("feature_weights_version") is not None else {}),
             **extra_metrics_provenance(metric_settings,
                                        num_real=len(ref_images) if ref_images is not None else None),
             # sampling runs in fp32 (no autocast); world size: the processes that sampled this set
