@@ -101,7 +101,7 @@ def _workspace(tmp_path: Path, monkeypatch, *, width: int = 8, record_updates: i
         write_split_arrays(tmp_path / f"results/digits-data/{split}", rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8),
                            np.arange(n) % 10)
     spec_file = tmp_path / "s.yaml"
-    spec_file.write_text(_tiny_with_features(TINY_FEATURES + _weights_block("v1", ASSET, "0" * 64)))
+    spec_file.write_text(_tiny_with_features(TINY_FEATURES + _weights_block("v1", ASSET, "ab" * 32)))
     params = next(s.params for s in build_graph(load_spec(spec_file), spec_path="s.yaml") if s.kind == "features")
     torch.manual_seed(0)
     net = DigitsCNN(8, feature_dim=16, width=width)
