@@ -156,6 +156,29 @@ def test_stage_refuses_weights_that_do_not_fit_the_spec(tmp_path, monkeypatch, c
     assert not (tmp_path / params["outputs"]["dir"]).exists()
 
 
+def test_without_weights_the_stage_still_trains(tmp_path, monkeypatch, capsys):
+    """`weights: null` (paper specs at smoke scale): the stage trains the network itself, as before."""
+    monkeypatch.chdir(tmp_path)
+    from fakes import write_split_arrays
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("heldout", 20)):
+        write_split_arrays(tmp_path / f"results/digits-data/{split}", rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8),
+                           np.arange(n) % 10)
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(_tiny_with_features("features:\n  feature_dim: 16\n  width: 8\n  updates: 3\n  batch_size: 8\n"))
+    stages = build_graph(load_spec(spec_file), spec_path="s.yaml")
+    [feat] = [s for s in stages if s.kind == "features"]
+    assert "weights" not in feat.params and feat.deps == ("results/digits-data",)
+    assert all("feature_weights_version" not in s.params for s in stages if s.kind in ("fid", "fid_sferd"))
+    (tmp_path / "params.json").write_text(json.dumps({feat.name: feat.params}))
+    assert run_stage([feat.name]) == 0, capsys.readouterr().err
+    assert load_digits_cnn(tmp_path / feat.params["outputs"]["dir"] / "model.pt").config["width"] == 8
+    m = json.loads((tmp_path / feat.params["outputs"]["metrics"]).read_text())
+    assert "weights_version" not in m and 0.0 <= m["heldout_accuracy"] <= 1.0
+    assert (tmp_path / feat.params["outputs"]["train_log"]).is_file()
+
+
 # ------------------------------------------------------------------------------------------- the spec
 
 
