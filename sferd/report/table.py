@@ -4,7 +4,9 @@ Rows are models (teacher DDIM, each method), columns are step counts; calibratio
 noise) sit in their own block. A cell whose metrics file does not exist yet is *marked* missing, never
 hidden; paper numbers appear in their own rows with their source, never mixed into ours. Metrics beyond FID
 (the spec's `evaluation.metrics`: Inception Score, precision/recall) get one table each below the FID table,
-built the same way; without them the output is exactly the FID table.
+built the same way; without them the output is exactly the FID table. A table with `paired_against` (several
+seeds) adds each method's paired difference to that baseline, seed by seed, with a Student-t interval
+(sferd.report.paired), and the render stage writes them to a CSV beside the table.
 """
 
 from __future__ import annotations
