@@ -1,0 +1,149 @@
+"""The sampler family (sferd.diffusion.samplers) and gDDIM on VP (sferd.diffusion.gddim), against independent
+references: `ddim_sample` itself, and the closed-form probability flow of Gaussian data.
+
+Gaussian data x₀ ~ N(m, s²) per pixel, written here from scratch: x_t = α x₀ + σ ε ~ N(α m, α² s² + σ²), so
+E[ε | x_t] = σ (x_t − α m)/(α² s² + σ²) and E[x₀ | x_t] = m + α s² (x_t − α m)/(α² s² + σ²). The probability flow
+keeps the standardised residual (x_t − α_t m)/√(α_t² s² + σ_t²) constant, so from x at t = 1 the exact data end
+(σ = 0, α = 1) is m + s (x_1 − α_1 m)/√(α_1² s² + σ_1²).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate
+
+from sferd.diffusion.gddim import GDDIM, coefficients, integral_coefficients
+from sferd.diffusion.sampler import ddim_sample
+from sferd.diffusion.samplers import DDIM, EulerPF, make_sampler, sampler_names, time_grid
+
+M, S = 0.3, 0.5
+# the schedule written independently of sferd.diffusion.schedule (sferd-method.md §1)
+_B = math.atan(math.exp(-10.0))
+_A = math.atan(math.exp(10.0)) - _B
+
+
+def ab(t):
+    """(α, σ) of the cosine schedule: α = cos(a t + b), σ = sin(a t + b) (tan = σ/α = e^{−λ/2})."""
+    th = _A * torch.as_tensor(t, dtype=torch.float64) + _B
+    return torch.cos(th), torch.sin(th)
+
+
+def gaussian_denoiser(x, t, y=None):
+    a, s = ab(t.double())
+    a, s = a.reshape(-1, *([1] * (x.ndim - 1))), s.reshape(-1, *([1] * (x.ndim - 1)))
+    xd = x.double()
+    var = a**2 * S**2 + s**2
+    eps = s * (xd - a * M) / var
+    x0 = M + a * S**2 * (xd - a * M) / var
+    return x0.to(x.dtype), eps.to(x.dtype)
+
+
+def exact_end(x1):
+    a, s = ab(1.0)
+    return M + S * (x1.double() - a * M) / torch.sqrt(a**2 * S**2 + s**2)
+
+
+def noise64(n=256, seed=0):
+    return torch.randn(n, 1, 2, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+class TinyNet(torch.nn.Module):
+    """A fixed random network (x, t) → (x̂₀, ε̂): not a Gaussian, so the DDIM comparison exercises clipping too."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w = torch.nn.Parameter(torch.randn(4, 4, generator=g) * 0.8)
+
+    def forward(self, x, t, y=None):
+        flat = x.reshape(x.shape[0], -1)
+        x0 = torch.tanh(flat @ self.w * (1 + t[:, None])) * 1.5
+        x0 = x0.reshape(x.shape)
+        a, s = ab(t)
+        a = a.to(x.dtype).reshape(-1, 1, 1, 1)
+        s = s.to(x.dtype).reshape(-1, 1, 1, 1)
+        return x0, (x - a * x0) / s
+
+
+def test_time_grid_int_and_explicit():
+    assert time_grid(4) == (1.0, 0.75, 0.5, 0.25, 0.0)
+    assert time_grid(torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64)) == (1.0, 0.5, 0.1)
+    for bad in ([1.0], [0.5, 0.5], [0.2, 0.4], [1.5, 0.0], 0):
+        with pytest.raises(ValueError):
+            time_grid(bad)
+    assert set(sampler_names()) >= {"ddim", "gddim", "euler_pf", "d_ddim", "gddim_cld"}
+
+
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("steps", [1, 3, 8])
+def test_ddim_and_gddim_order0_equal_ddim_sample_bitwise(steps, clip):
+    net = TinyNet()
+    x1 = torch.randn(5, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    ref = ddim_sample(net, x1, steps, clip=clip)
+    seen = []
+    out = DDIM(clip=clip)(net, x1, steps, callback=lambda i, t, x: seen.append((i, t)))
+    assert torch.equal(out, ref)
+    assert seen == [(i, (steps - 1 - i) / steps) for i in range(steps)]
+    assert torch.equal(GDDIM(order=0, clip=clip)(net, x1, steps), ref)
+    assert torch.equal(make_sampler("ddim", clip=clip)(net, x1, time_grid(steps)), ref)
+
+
+def test_quadrature_matches_adaptive_integration():
+    # C_j = ∫ ℓ_j(t(ρ)) dρ by scipy's adaptive quad on t itself (dρ = a sec²(a t + b) dt), an independent route
+    nodes, t, s = (0.5, 0.625, 0.75), 0.5, 0.375
+    ours = integral_coefficients(nodes, t, s, data_end=False)
+    for j in range(3):
+        others = [n for m, n in enumerate(nodes) if m != j]
+
+        def f(tau, j=j, others=others):
+            l = np.prod([(tau - o) / (nodes[j] - o) for o in others])
+            return l * _A / math.cos(_A * tau + _B) ** 2
+
+        ref, _ = integrate.quad(f, t, s, epsabs=1e-14, epsrel=1e-13)
+        assert ours[j] == pytest.approx(ref, rel=1e-10, abs=1e-12)
+    # the first step from t = 1 (the integrand peaks at ρ = e^{10}) and the data end (ρ → 0)
+    first = integral_coefficients((0.875, 1.0), 0.875, 0.75, data_end=False)
+    rho = lambda tt: math.tan(_A * tt + _B)  # noqa: E731
+    assert first.sum() == pytest.approx(rho(0.75) - rho(0.875), rel=1e-12)
+    end = integral_coefficients((0.125, 0.25), 0.125, 0.0, data_end=True)
+    assert end.sum() == pytest.approx(-rho(0.125), rel=1e-12)
+
+
+def gaussian_error(sampler, steps, x1):
+    return (sampler(gaussian_denoiser, x1, steps) - exact_end(x1)).abs().max().item()
+
+
+def test_gddim_orders_beat_ddim_and_converge_on_gaussian_data():
+    x1 = noise64()
+    errs = {q: [gaussian_error(GDDIM(order=q, clip=False), n, x1) for n in (8, 16, 32)] for q in range(4)}
+    for q in (1, 2, 3):
+        for k in range(3):
+            assert errs[q][k] < errs[0][k], errs
+    # convergence when the steps double: DDIM is first order (rate ≈ 1); order 1 is second order (rate ≈ 2). Orders
+    # 2-3 are also ≈ 2 asymptotically, not 3-4: their warm-up steps (order min(q, k), the first one DDIM) have local
+    # error O(h²), which bounds the global order; they win on the constant (smaller error at few steps).
+    rate = {q: math.log2(errs[q][1] / errs[q][2]) for q in range(4)}
+    assert 0.7 < rate[0] < 1.3, (rate, errs)
+    for q in (1, 2, 3):
+        assert rate[q] > 1.4, (rate, errs)
+    assert errs[3][0] < errs[2][0] < errs[1][0], errs
+    assert errs[2][2] < 1e-3 and errs[3][2] < 1e-3, errs
+
+
+def test_euler_pf_converges_first_order_on_gaussian_data():
+    x1 = noise64()
+    e = [gaussian_error(EulerPF(clip=False), n, x1) for n in (16, 32, 64)]
+    assert e[0] > e[1] > e[2]
+    assert 0.7 < math.log2(e[1] / e[2]) < 1.5, e
+
+
+def test_gddim_checks_order_against_steps_and_caches():
+    with pytest.raises(ValueError, match="order 3"):
+        GDDIM(order=3)(gaussian_denoiser, noise64(2), 3)
+    with pytest.raises(ValueError):
+        GDDIM(order=-1)
+    assert coefficients(time_grid(6), 2) is coefficients(time_grid(6), 2)
