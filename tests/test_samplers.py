@@ -95,3 +95,17 @@ def test_gddim_checks_order_against_steps_and_caches():
     with pytest.raises(ValueError):
         GDDIM(order=-1)
     assert coefficients(time_grid(6), 2) is coefficients(time_grid(6), 2)
+
+
+def test_schedule_calculus_inverse_and_derivative():
+    from sferd.diffusion.schedule import logsnr
+    from sferd.diffusion.schedule_calculus import dlogsnr_dt, time_from_logsnr
+
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    assert torch.allclose(time_from_logsnr(logsnr(t)), t, rtol=0, atol=1e-12)
+    # λ' against central differences of the independent closed form λ = −2 log tan(a t + b)
+    lam = lambda tt: -2 * np.log(np.tan(_A * tt + _B))  # noqa: E731
+    for tv in (0.01, 0.3, 0.5, 0.9, 0.99):
+        h = 1e-6
+        assert float(dlogsnr_dt(torch.tensor(tv, dtype=torch.float64))) == pytest.approx(
+            (lam(tv + h) - lam(tv - h)) / (2 * h), rel=1e-7)

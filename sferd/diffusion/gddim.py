@@ -40,7 +40,8 @@ import torch
 
 from sferd.diffusion.sampler import ddim_step
 from sferd.diffusion.samplers import _tfull, predict, register, time_grid
-from sferd.diffusion.schedule import alpha_sigma, logsnr, time_from_logsnr
+from sferd.diffusion.schedule import alpha_sigma, logsnr
+from sferd.diffusion.schedule_calculus import time_from_logsnr
 
 NODES = 48  # Gauss–Legendre nodes per step; exact for polynomials of degree 95, far beyond what a step needs
 

@@ -26,7 +26,8 @@ import torch
 from sferd.diffusion.denoiser import Denoiser
 from sferd.diffusion.parameterization import clip_x0
 from sferd.diffusion.sampler import ddim_step
-from sferd.diffusion.schedule import alpha_sigma, broadcast, dlogsnr_dt, logsnr
+from sferd.diffusion.schedule import alpha_sigma, broadcast, logsnr
+from sferd.diffusion.schedule_calculus import dlogsnr_dt
 
 Callback = Callable[[int, float, torch.Tensor], None]
 

@@ -79,22 +79,3 @@ def broadcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if v.is_floating_point() and like.is_floating_point() and v.dtype != like.dtype:
         v = v.to(like.dtype)
     return v
-
-
-def time_from_logsnr(lam: torch.Tensor) -> torch.Tensor:
-    """The inverse of `logsnr`: t = (arctan(e^{-λ/2}) − b) / a, for λ in [λ_min, λ_max]. Float64 inside.
-
-    Samplers that integrate in another variable than t (ρ = σ/α = e^{-λ/2}, or log ρ) need t back at each quadrature
-    node, because the multistep interpolation of gDDIM and DEIS is a polynomial in t (`sferd.diffusion.gddim`).
-    """
-    lam = torch.as_tensor(lam)
-    return ((torch.atan(torch.exp(-0.5 * lam.double())) - _B) / _A).to(_out_dtype(lam))
-
-
-def dlogsnr_dt(t: torch.Tensor) -> torch.Tensor:
-    """dλ/dt of the cosine schedule: with θ = a t + b, λ = −2 log tan θ, so dλ/dt = −2a / (sin θ cos θ)
-    = −4a / sin 2θ. Float64 inside; it is ≈ −7·10⁴ at t = 1, so callers should multiply it by α σ (which is
-    ≈ 4.5·10⁻⁵ there) in float64 before meeting an image: ½ λ' α σ = −a for every t."""
-    t = torch.as_tensor(t)
-    theta = _A * t.double() + _B
-    return (-4.0 * _A / torch.sin(2.0 * theta)).to(_out_dtype(t))
