@@ -258,7 +258,9 @@ def _compiled_files(specs, context=()) -> dict[str, str]:
 
     wanted = {spec.pipeline for _, spec in specs}
     by_pipeline: dict[str, list[object]] = {}
-    for pipeline, stage in _homes([*specs, *context]):
+    from sferd.pipeline.graph import bundle
+
+    for pipeline, stage in bundle(_homes([*specs, *context])):  # stage_granularity: row → one DVC stage per group
         by_pipeline.setdefault(pipeline, []).append(stage)
     files: dict[str, str] = {}
     for pipeline, stages in by_pipeline.items():

@@ -10,7 +10,7 @@ from pathlib import Path
 from ruamel.yaml import YAML
 
 from sferd.pipeline.dvcfile import pipeline_files
-from sferd.pipeline.graph import build_graph
+from sferd.pipeline.graph import build_graph, bundle
 from sferd.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,8 +19,9 @@ NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 def _compile(spec_rel: str):
     spec = load_spec(ROOT / spec_rel, display_path=spec_rel)
-    stages = build_graph(spec, spec_path=spec_rel)
-    files = pipeline_files(stages, pipeline=spec.pipeline, root=str(ROOT))
+    stages = build_graph(spec, spec_path=spec_rel)  # the parts, whatever the spec's stage_granularity
+    dvc_stages = [st for _, st in bundle([(spec.pipeline, st) for st in stages])]  # what `sferd-spec compile` writes
+    files = pipeline_files(dvc_stages, pipeline=spec.pipeline, root=str(ROOT))
     return spec, stages, files
 
 
@@ -109,7 +110,7 @@ def test_code_deps_are_specific():
     assert "sferd/cli.py" not in teacher_deps
     assert "sferd/report/table.py" not in teacher_deps
     assert "sferd/methods/pd.py" not in teacher_deps
-    assert "sferd/methods/pd.py" in dvc["digits-pd-s0004"]["deps"]
+    assert "sferd/methods/pd.py" in dvc["digits-pd-chain"]["deps"]  # the bundle of the PD halvings
     assert "sferd/nn/unet.py" not in dvc["quickstart-render"]["deps"]
 
 
@@ -153,8 +154,10 @@ def test_ablation_pipeline_shares_the_quickstart_stages(tmp_path, monkeypatch):
     assert runner.invoke(app, ["compile"]).exit_code == 0
     root = YAML(typ="safe").load((tmp_path / "dvc.yaml").read_text())["stages"]
     assert not set(abl) & set(root)
+    root_params = json.loads((tmp_path / "params.json").read_text())
+    in_root = set(root) | {p["name"] for st in root_params.values() if st["kind"] == "bundle" for p in st["parts"]}
     for shared in ("digits-data", "digits-teacher", "digits-pd-s0004", "digits-pd-s0004-fid", "digits-teacher-s0004-fid"):
-        assert shared in root and shared not in abl
+        assert shared in in_root and shared not in abl
     # one guided halving per ψ, branched off PD's 8-step student (a root stage)
     assert [n for n in abl if re.fullmatch(r"digits-psi-\dp\d-s\d{4}", n)] == [
         f"digits-psi-{v}-s0004" for v in ("0p8", "0p9", "1p0", "1p1", "1p2")

@@ -271,3 +271,17 @@ def test_two_nodes_on_one_machine_equal_one_process(tmp_path):
     assert [n.returncode for n in nodes] == [0, 0], "\n=====\n".join(err for _, err in outs)
     assert "[rank 0 of 2]" in "".join(err for _, err in outs)
     assert (tmp_path / "results/one/samples.npz").read_bytes() == (tmp_path / "results/two/samples.npz").read_bytes()
+
+
+def test_a_bundle_shards_only_when_every_part_does(tmp_path):
+    """stage_granularity `row`: a bundle is started as its parts' kind; one unshardable part keeps it in one process."""
+    params = tmp_path / "params.json"
+    part = lambda name, kind: {"name": name, "params": {"kind": kind}}  # noqa: E731
+    params.write_text(json.dumps({
+        "chain": {"kind": "bundle", "parts": [part("a", "distill"), part("b", "distill")]},
+        "mixed": {"kind": "bundle", "parts": [part("a", "fid"), part("b", "render")]},
+        "broken": {"kind": "bundle", "parts": "x"},
+    }))
+    assert launch.stage_kind(str(params), "chain") in launch.SHARDABLE
+    assert launch.stage_kind(str(params), "mixed") == "render"
+    assert launch.stage_kind(str(params), "broken") is None

@@ -40,6 +40,9 @@ class Stage:
     uncached_outs: tuple[str, ...] = ()  # rendered tables: in git, not in the DVC cache
     plots: tuple[tuple[str, dict[str, Any]], ...] = ()  # (path, dvc plot props): in git, for `dvc plots`
     cost: dict[str, float] = field(default_factory=dict)  # estimated work, for `plan`
+    # the DVC stage this one runs inside when the spec's stage_granularity is `row` (see `bundle`); not part of the
+    # stage's definition: the same stage in two specs is the same stage whichever way each groups it
+    group: str | None = field(default=None, compare=False)
 
 
 def steps_tag(steps: int) -> str:
@@ -78,6 +81,10 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     # retrain anything downstream, whose inputs are the data stage's outputs.
     ds = spec.dataset.model_dump(mode="json", exclude={"source"})
     stages: list[Stage] = []
+    by_row = spec.stage_granularity == "row"
+
+    def grouped(parts: list[Stage], group: str) -> list[Stage]:
+        return [replace(st, group=group) for st in parts] if by_row else parts
 
     # ---- data
     data_name = f"{p}-data"
@@ -196,7 +203,8 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
         if key not in known:
             known[key] = method.name
             for seed in spec.chain_seeds:
-                stages.extend(_chain(spec, method, guidance, chain_start(method, seed), student_model, train_split, seed))
+                chain_stages = _chain(spec, method, guidance, chain_start(method, seed), student_model, train_split, seed)
+                stages.extend(grouped(chain_stages, f"{p}-{method.name}{seed_tag(spec, seed)}-chain"))
         chain_of[method.name] = known[key]
 
     def student_dir(method, steps: int, seed: int) -> str:
@@ -217,6 +225,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
         assert prior is not None  # validated
         encoder = encoder_config(spec.dataset.resolution, spec.dataset.channels, pred)
         for seed in spec.chain_seeds:
+            sgp_group = f"{p}-{method.name}{seed_tag(spec, seed)}-predictor-prior"
             for steps in spec.evaluation.student_steps:
                 base = f"{p}-{method.name}{seed_tag(spec, seed)}-{steps_tag(steps)}"
                 pred_name, prior_name = f"{base}-predictor", f"{base}-prior"
@@ -248,6 +257,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                         outs=(pred_dir,),
                                 metrics=(metrics_path(pred_name),),
                         cost={"forward_passes": float((teacher_passes + 4) * pred.updates * pred.batch_size)},
+                        group=sgp_group if by_row else None,
                     )
                 )
                 stages.append(
@@ -269,6 +279,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                         outs=(prior_dir,),
                                 metrics=(metrics_path(prior_name),),
                         cost={"mlp_passes": float(3 * prior.updates * prior.batch_size)},
+                        group=sgp_group if by_row else None,
                     )
                 )
                 sferd_ckpts[(method.name, steps, seed)] = (pred_dir, prior_dir)
@@ -308,7 +319,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     fid_rows: list[dict[str, Any]] = []
 
     def add_fid(name: str, row: str, label: str, steps: int | None, source: dict[str, Any], deps: tuple[str, ...],
-                nfe_per_sample: int, seed: int | None = None) -> None:
+                nfe_per_sample: int, seed: int | None = None, group: str | None = None) -> None:
         out_dir = stage_dir(name)
         kind = "fid_sferd" if source["kind"] == "sferd" else "fid"
         stages.append(
@@ -328,6 +339,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                 outs=(out_dir,),
                 metrics=(metrics_path(name),),
                 cost={"forward_passes": float(ev.num_samples * nfe_per_sample)},
+                group=group if by_row else None,
             )
         )
         fid_rows.append({"row": row, "label": label, "steps": steps, "seed": seed, "metrics": metrics_path(name),
@@ -338,7 +350,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
             f"{p}-teacher-{steps_tag(steps)}-fid", "teacher", "Teacher (DDIM, no distillation)", steps,
             {"kind": "model", "checkpoint": f"{teacher_dir}/model.pt", "model": teacher_model,
              "parameterization": t.parameterization},
-            (teacher_dir,), steps,
+            (teacher_dir,), steps, group=f"{p}-teacher-fid",
         )
     for method in spec.methods:
         for seed in spec.chain_seeds:
@@ -364,13 +376,14 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                     deps = (ckpt_dir, pred_dir, prior_dir)
                     nfe = 2 * steps  # student + predictor branch (about one decoder pass) per step, upper bound
                 add_fid(f"{p}-{method.name}{seed_tag(spec, seed)}-{steps_tag(steps)}-fid", method.name, method.label,
-                        steps, source, deps, nfe, seed)
+                        steps, source, deps, nfe, seed, group=f"{p}-{method.name}{seed_tag(spec, seed)}-fid")
     for cal in ev.calibration:
         if cal == "heldout":
             add_fid(f"{p}-heldout-fid", "heldout", "Held-out data (floor)", None,
-                    {"kind": "heldout", "path": heldout_split}, (), 0)
+                    {"kind": "heldout", "path": heldout_split}, (), 0, group=f"{p}-calibration-fid")
         else:
-            add_fid(f"{p}-noise-fid", "noise", "Gaussian noise (ceiling)", None, {"kind": "noise"}, (), 0)
+            add_fid(f"{p}-noise-fid", "noise", "Gaussian noise (ceiling)", None, {"kind": "noise"}, (), 0,
+                    group=f"{p}-calibration-fid")
 
     # ---- render
     table = spec.table
@@ -517,3 +530,84 @@ def _chain(
         )
         prev_dir, prev_model, prev_is_teacher = d, student_model, False
     return out
+
+
+BUNDLE_KIND = "bundle"
+
+
+def bundle(homed: list[tuple[str, Stage]]) -> list[tuple[str, Stage]]:
+    """(pipeline, stage) pairs → the DVC stages to write: the stages of one `group` become one stage of kind
+    `bundle` that runs them in graph order in one process (sferd/pipeline/run.py). Each part keeps its own params,
+    outputs, metrics, scratch folder and resume state, so a bundle computes exactly what its parts compute alone;
+    only the DVC bookkeeping is coarser (a changed part re-runs its whole bundle).
+
+    A group forms in the pipeline that holds its first part; a part that another pipeline owns (a stage two specs
+    define identically) stays a stage of its own there, so no stage name or output is ever written twice.
+    A bundle's deps are its parts' deps less what earlier parts produce; the order of the result is a valid run
+    order (a bundle sits where its last part was, and a stable topological sort settles the rest).
+    """
+    first_home: dict[str, str] = {}
+    for pipeline, st in homed:
+        if st.group is not None:
+            first_home.setdefault(st.group, pipeline)
+    members: dict[tuple[str, str], list[Stage]] = {}
+    for pipeline, st in homed:
+        if st.group is not None and first_home[st.group] == pipeline:
+            members.setdefault((pipeline, st.group), []).append(st)
+    out: list[tuple[str, Stage]] = []
+    last_of = {(pl, g): parts[-1].name for (pl, g), parts in members.items()}
+    for pipeline, st in homed:
+        key = (pipeline, st.group) if st.group is not None else None
+        if key is None or key not in members or len(members[key]) == 1:
+            out.append((pipeline, replace(st, group=None)))
+        elif last_of[key] == st.name:
+            out.append((pipeline, _bundle_stage(st.group, members[key])))
+    return _run_order(out)
+
+
+def _bundle_stage(name: str, parts: list[Stage]) -> Stage:
+    produced: set[str] = set()
+    deps: list[str] = []
+    for st in parts:
+        deps.extend(d for d in st.deps if d not in produced and d not in deps)
+        produced.update((*st.outs, *st.metrics))
+    cost: dict[str, float] = {}
+    for st in parts:
+        for k, v in st.cost.items():
+            cost[k] = cost.get(k, 0.0) + v
+    return Stage(
+        name=name,
+        kind=BUNDLE_KIND,
+        params={"kind": BUNDLE_KIND, "parts": [{"name": st.name, "params": st.params} for st in parts]},
+        deps=tuple(deps),
+        outs=tuple(o for st in parts for o in st.outs),
+        metrics=tuple(m for st in parts for m in st.metrics),
+        uncached_outs=tuple(o for st in parts for o in st.uncached_outs),
+        plots=tuple(pl for st in parts for pl in st.plots),
+        cost=cost,
+    )
+
+
+def bundle_parts(stage: Stage) -> list[tuple[str, str]]:
+    """(name, kind) of what a DVC stage runs: its parts for a bundle, else itself."""
+    if stage.kind != BUNDLE_KIND:
+        return [(stage.name, stage.kind)]
+    return [(p["name"], p["params"]["kind"]) for p in stage.params["parts"]]
+
+
+def _run_order(items: list[tuple[str, Stage]]) -> list[tuple[str, Stage]]:
+    """Stable topological sort by outputs → deps (Kahn, always taking the earliest ready item)."""
+    producer: dict[str, int] = {}
+    for i, (_, st) in enumerate(items):
+        for o in (*st.outs, *st.metrics, *st.uncached_outs):
+            producer[o] = i
+    needs = [{producer[d] for d in st.deps if d in producer and producer[d] != i} for i, (_, st) in enumerate(items)]
+    done: set[int] = set()
+    order: list[int] = []
+    while len(order) < len(items):
+        ready = next((i for i in range(len(items)) if i not in done and needs[i] <= done), None)
+        if ready is None:  # a cycle cannot come from a spec graph; fail loudly rather than write a broken pipeline
+            raise ValueError("stage bundles depend on each other in a cycle")
+        done.add(ready)
+        order.append(ready)
+    return [items[i] for i in order]

@@ -31,10 +31,17 @@ TORCHRUN_MODE = "--torchrun"  # internal: this module as torchrun with one-line 
 
 
 def stage_kind(params_file: str, stage: str) -> str | None:
-    """The stage's kind, or None when the params file cannot say (the stage runner then reports why)."""
+    """The stage's kind, or None when the params file cannot say (the stage runner then reports why). A bundle
+    (several stages run in one process, stage_granularity `row`) counts as `bundle` when every part's kind
+    shards (its first part's kind is then returned), else as its first unshardable part's kind: it runs in one
+    process then."""
     try:
         with open(params_file, encoding="utf-8") as f:
-            kind = json.load(f)[stage]["kind"]
+            entry = json.load(f)[stage]
+        kind = entry["kind"]
+        if kind == "bundle":
+            kinds = [part["params"]["kind"] for part in entry["parts"]]
+            return next((k for k in kinds if k not in SHARDABLE), kinds[0])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return kind if isinstance(kind, str) else None

@@ -44,6 +44,43 @@ def refuse_unshardable(kind: str | None) -> None:
                          "(`python -m sferd.pipeline.launch` starts torchrun only for stages that shard)")
 
 
+BUNDLE = "bundle"  # graph.BUNDLE_KIND: several stages (stage_granularity `row`) run here one after the other
+
+
+def _run_stage(name: str, params: dict) -> None:
+    refuse_unshardable(params.get("kind"))
+    from sferd.pipeline.codedeps import code_fingerprint
+
+    # part of the config every checkpoint and resumable state records (see code_fingerprint)
+    params["code_sha256"] = code_fingerprint(str(Path(__file__).resolve().parents[2]), params["kind"])
+    module = importlib.import_module(f"sferd.pipeline.stages.{params['kind']}")
+    module.run(name, params)
+
+
+def _run_bundle(name: str, params: dict) -> None:
+    """Each part exactly as its own stage would run it (its name, params, scratch folder and outputs), in graph
+    order, in this one process. Under torchrun the process group is opened once here and held across the parts
+    (each part's own `process_group` then leaves it alone): every rank runs every part, and a rank that finishes a
+    part early (an FID stage's non-writing ranks) simply waits in the next part's first collective."""
+    parts = params.get("parts")
+    if not isinstance(parts, list) or not parts:
+        raise StageError(f"stage {name!r} is a bundle without parts; recompile with `sferd-spec compile`")
+    kinds = [p["params"].get("kind") for p in parts]
+    for kind in kinds:  # before any work: a bundle that cannot run whole must not run half
+        refuse_unshardable(kind)
+    from sferd.util.distributed import launch, process_group
+
+    proc = launch()
+    with process_group(proc):
+        for part in parts:
+            print(f"{name}: running {part['name']}", file=sys.stderr, flush=True)
+            _run_stage(part["name"], part["params"])
+        if proc.sharded:  # nobody leaves (and closes the group) while another rank still works on the last part
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sferd.pipeline.run", description=__doc__.splitlines()[0])
     ap.add_argument("stage", help="stage name, e.g. digits-pd-s0004")
@@ -51,13 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params, args.stage)
-        refuse_unshardable(params.get("kind"))
-        from sferd.pipeline.codedeps import code_fingerprint
-
-        # part of the config every checkpoint and resumable state records (see code_fingerprint)
-        params["code_sha256"] = code_fingerprint(str(Path(__file__).resolve().parents[2]), params["kind"])
-        module = importlib.import_module(f"sferd.pipeline.stages.{params['kind']}")
-        module.run(args.stage, params)
+        if params.get("kind") == BUNDLE:
+            _run_bundle(args.stage, params)
+        else:
+            _run_stage(args.stage, params)
     except StageError as e:
         print(f"{args.stage}: error: {e}", file=sys.stderr)
         return 1

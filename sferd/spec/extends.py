@@ -24,7 +24,7 @@ from sferd.spec.loader import SpecError, SpecIssue, issue_at, read_yaml, to_plai
 from sferd.spec.models import EXTENDS_RE
 
 # Set-up fields a spec may take from its base. Everything else is the extending spec's own.
-INHERITED = ("seed", "seeds", "precision", "dataset", "features", "teacher", "methods", "evaluation")
+INHERITED = ("seed", "seeds", "precision", "stage_granularity", "dataset", "features", "teacher", "methods", "evaluation")
 
 
 @dataclass(frozen=True)
