@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from sferd.diffusion.cld import CLD  # noqa: E402
 from sferd.diffusion.denoiser import NetworkDenoiser  # noqa: E402
-from sferd.diffusion.dode import DDIMBase, calibrate  # noqa: E402
+from sferd.diffusion.dode import DDIMBase, GDDIMBase, calibrate  # noqa: E402
 from sferd.diffusion.samplers import make_sampler  # noqa: E402
 from sferd.nn.unet import UNet, UNetConfig  # noqa: E402
 from sferd.util.machine import describe, machine_record  # noqa: E402
@@ -74,16 +74,19 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(batch, ch, res, res, generator=g)
     cal = calibrate(DDIMBase(), den, torch.randn(batch, ch, res, res, generator=g), steps, factor=2)
+    q = min(2, steps - 1)
+    cal_g = calibrate(GDDIMBase(order=q), den, torch.randn(batch, ch, res, res, generator=g), steps, factor=2)
     cld = CLD(t_min=1e-3)
     cld_eps = CLDEps(_net(2 * ch, res, base, 1))
     cld_noise = torch.randn(batch, 2, ch, res, res, generator=g)
 
     runs = {
         "ddim": lambda: make_sampler("ddim")(den, noise, steps),
-        "gddim (order 2)": lambda: make_sampler("gddim", order=min(2, steps - 1))(den, noise, steps),
+        f"gddim (order {q})": lambda: make_sampler("gddim", order=q)(den, noise, steps),
         "euler_pf": lambda: make_sampler("euler_pf")(den, noise, steps),
         "d_ddim (K = 2)": lambda: make_sampler("d_ddim", lambdas=cal.lambdas)(den, noise, steps),
-        "gddim_cld (order 2)": lambda: make_sampler("gddim_cld", process=cld, order=min(2, steps - 1))(
+        f"d_gddim (order {q}, K = 2)": lambda: make_sampler("d_gddim", lambdas=cal_g.lambdas, order=q)(den, noise, steps),
+        f"gddim_cld (order {q})": lambda: make_sampler("gddim_cld", process=cld, order=q)(
             cld_eps, cld_noise, steps),
     }
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -97,7 +100,7 @@ def main() -> None:
     ref = statistics.median(times["ddim"])
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:22s} {med / batch:.5f} s/sample  {med / ref:5.2f}× DDIM  ({steps} NFE)")
+        print(f"{name:25s} {med / batch:.5f} s/sample  {med / ref:5.2f}× DDIM  ({steps} NFE)")
 
 
 if __name__ == "__main__":

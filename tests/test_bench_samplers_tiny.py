@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLERS = ("ddim", "gddim (order 2)", "euler_pf", "d_ddim (K = 2)", "gddim_cld (order 2)")
+SAMPLERS = ("ddim", "gddim (order 2)", "euler_pf", "d_ddim (K = 2)", "d_gddim (order 2, K = 2)", "gddim_cld (order 2)")
 
 
 def test_samplers_cost_runs_tiny():

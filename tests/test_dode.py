@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from gaussian_ref import TinyNet, exact_end, gaussian_denoiser, noise64
-from sferd.diffusion.dode import DDIMBase, DODESampler, calibrate, fit_lambdas, teacher_grid, teacher_targets
+from gaussian_ref import TinyNet, ab, exact_end, gaussian_denoiser, noise64
+from sferd.diffusion.dode import (DDIMBase, DODESampler, GDDIMBase, calibrate, fit_lambdas, teacher_grid,
+                                 teacher_targets)
+from sferd.diffusion.gddim import GDDIM
 from sferd.diffusion.samplers import DDIM, make_sampler, time_grid
 
 
@@ -47,21 +49,60 @@ def test_correction_reduces_error_on_gaussian_teacher():
     assert err(corrected, exact_end(x_eval)) <= err(plain, exact_end(x_eval))
 
 
-def test_each_lambda_is_the_least_squares_solution():
+BASES = [DDIMBase(clip=False), GDDIMBase(order=2, clip=False)]
+
+
+@pytest.mark.parametrize("base", BASES, ids=lambda b: b.name)
+def test_each_lambda_is_the_least_squares_solution(base):
     # replay the greedy fit step by step and solve each 1-D problem with numpy's lstsq
-    base = DDIMBase(clip=False)
     x1 = noise64(64, seed=3)
     cal = calibrate(base, gaussian_denoiser, x1, 3, factor=4)
     targets = teacher_targets(base, gaussian_denoiser, x1, 3, factor=4)
-    grid, x, prev = time_grid(3), x1, None
-    for i, (tv, sv) in enumerate(zip(grid, grid[1:])):
+    grid, x, history = time_grid(3), x1, []
+    plan = base.plan(grid)
+    for i, tv in enumerate(grid[:-1]):
         x0, eps = base.predict(gaussian_denoiser, x, tv, None)
-        nxt = base.step(x, x0, eps, tv, sv)
-        d = (base.coefficient(tv, sv) * (eps - (x if prev is None else prev))).numpy().reshape(-1, 1)
+        nxt = base.step(plan, i, x, x0, eps, history)
+        d = (base.coefficient(plan, i) * (eps - (history[0] if history else x))).numpy().reshape(-1, 1)
         r = (targets[i] - nxt).numpy().reshape(-1)
         lam = np.linalg.lstsq(d, r, rcond=None)[0][0]
         assert cal.lambdas[i] == pytest.approx(lam, rel=1e-10, abs=1e-14)
-        x, prev = nxt + cal.lambdas[i] * torch.from_numpy(d.reshape(x.shape)), eps
+        x, history = nxt + cal.lambdas[i] * torch.from_numpy(d.reshape(x.shape)), [eps] + history[:1]
+
+
+@pytest.mark.parametrize("base", BASES, ids=lambda b: b.name)
+def test_coefficient_is_the_derivative_of_the_step(base):
+    # x_s(ε̂ + δ) − x_s(ε̂) = c δ at fixed x_t, with x̂₀ = (x_t − σ_t ε̂)/α_t re-derived (float64, α, σ of
+    # gaussian_ref's independent schedule)
+    grid = time_grid(4)
+    plan = base.plan(grid)
+    x = noise64(8, seed=5)
+    history = [torch.randn_like(x), torch.randn_like(x)]
+    for k in (1, 2, 3):  # an interior step with history, and the last step to the data end
+        a, s_ = (float(v) for v in ab(grid[k]))
+        eps = torch.randn_like(x)
+        delta = 1e-3 * torch.randn_like(x)
+        step = lambda e: base.step(plan, k, x, (x - s_ * e) / a, e, history)  # noqa: E731
+        np.testing.assert_allclose((step(eps + delta) - step(eps)).numpy(), (base.coefficient(plan, k) * delta).numpy(),
+                                   rtol=1e-8, atol=1e-12)
+
+
+def test_d_gddim_k1_and_correction_on_gaussian_teacher():
+    base = GDDIMBase(order=2, clip=False)
+    x1 = noise64(64, seed=6)
+    assert calibrate(base, gaussian_denoiser, x1, 5, factor=1).lambdas == (0.0,) * 5
+    assert torch.equal(make_sampler("d_gddim", lambdas=[0.0] * 5, order=2, clip=False)(gaussian_denoiser, x1, 5),
+                       GDDIM(order=2, clip=False)(gaussian_denoiser, x1, 5))
+    cal = calibrate(base, gaussian_denoiser, x1, 4, factor=10)
+    x_eval = noise64(256, seed=7)
+    teacher_end = teacher_targets(base, gaussian_denoiser, x_eval, 4, factor=10)[-1]
+    plain = GDDIM(order=2, clip=False)(gaussian_denoiser, x_eval, 4)
+    corrected = make_sampler("d_gddim", lambdas=cal.lambdas, order=2, clip=False)(gaussian_denoiser, x_eval, 4)
+    err = lambda a, b: (a - b).pow(2).mean().sqrt().item()  # noqa: E731
+    assert err(corrected, teacher_end) < err(plain, teacher_end)
+    # a DDIM teacher for a gDDIM student (the pairing is the caller's: D-DPM-Solver's teacher is DDIM)
+    cal_ddim_teacher = calibrate(base, gaussian_denoiser, x1, 4, factor=10, teacher=DDIMBase(clip=False))
+    assert cal_ddim_teacher.lambdas != cal.lambdas
 
 
 def test_lambdas_do_not_depend_on_the_split_of_the_batch():

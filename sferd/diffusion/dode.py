@@ -27,6 +27,13 @@ The student then continues from x_s(λ_i). The two sums are accumulated over chu
 distributed stage) summed over processes with `reduce` before the division: the λ's are those of the one global
 calibration batch whatever the chunking or process count (the released code fits per GPU; baselines.md pitfalls).
 In the reference's EDM form the update is x_{i+1} += λ ΔD, i.e. c = 1; here c is the step's own ∂x_s/∂D.
+`reduce` receives a CPU float64 tensor; a distributed caller moves it to the backend's device (NCCL wants CUDA)
+and back, and must call it on every rank at every step (it is collective).
+
+Base solvers: DDIM (`d_ddim`) and gDDIM of order q (`d_gddim`, a DEIS-type multistep exponential integrator: the
+higher-order base the issue asks for), whose c is α_s C_0, the weight of the current ε̂ in its step (`GDDIMBase`).
+Its history keeps the network's ε̂, uncorrected, as the difference D_i − D_{i−1} does. Which teacher goes with which
+student is the caller's choice (`calibrate(..., teacher=...)`; default: the student's own base solver).
 
 The teacher (step 2): the same base solver on the student grid refined K times (an int N becomes the uniform grid
 of K·N steps, so its times at every K-th point are the student's times exactly; an explicit grid is refined
@@ -42,6 +49,8 @@ from dataclasses import dataclass
 import torch
 
 from sferd.diffusion.sampler import ddim_step
+from sferd.diffusion.gddim import coefficients as gddim_coefficients
+from sferd.diffusion.gddim import gddim_step
 from sferd.diffusion.samplers import _tfull, predict, register, time_grid
 from sferd.diffusion.schedule import alpha_sigma, logsnr
 
@@ -53,33 +62,74 @@ def _rho(t: float) -> float:
     return math.exp(-0.5 * lam)
 
 
+def _ddim_coefficient(t_value: float, s_value: float) -> float:
+    """∂x_s/∂ε̂ of the DDIM step at fixed x_t: α_s (ρ_s − ρ_t), or −ρ_t to the data end (float64)."""
+    if s_value == 0.0:
+        return -_rho(t_value)
+    alpha_s = float(alpha_sigma(logsnr(torch.tensor(s_value, dtype=torch.float64)))[0])
+    return alpha_s * (_rho(s_value) - _rho(t_value))
+
+
 class DDIMBase:
-    """DDIM as a D-ODE base solver, D = ε̂ (module docstring)."""
+    """DDIM as a D-ODE base solver, D = ε̂ (module docstring).
+
+    A base solver is: `plan(grid)` (whatever it precomputes for a grid), `predict` → (x̂₀, D), `step(plan, k, x, x̂₀,
+    D, history)` → the uncorrected state after step k (`history`: the network's D of earlier steps, most recent
+    first), and `coefficient(plan, k)` = c, the scalar with x_s(D + δ) = x_s(D) + c δ at fixed x_t and history.
+    """
 
     name = "ddim"
+    history_length = 1  # D_{i−1}, for the difference only
 
     def __init__(self, *, clip: bool = True):
         self.clip = clip
+
+    def plan(self, grid: tuple[float, ...]):
+        return grid
 
     def predict(self, denoise, x, t_value: float, y):
         """(x̂₀, D = ε̂) at (x, t)."""
         return predict(denoise, x, _tfull(t_value, x), y, self.clip)
 
-    def step(self, x, x0, eps, t_value: float, s_value: float) -> torch.Tensor:
-        """The uncorrected step; the data end returns x̂₀."""
+    def step(self, plan, k: int, x, x0, eps, history) -> torch.Tensor:
+        t_value, s_value = plan[k], plan[k + 1]
         if s_value == 0.0:
             return x0
         return ddim_step(x, x0, _tfull(t_value, x), _tfull(s_value, x))
 
-    def coefficient(self, t_value: float, s_value: float) -> float:
-        """c = ∂x_s/∂ε̂ at fixed x_t: α_s (ρ_s − ρ_t), or −ρ_t to the data end (float64)."""
-        if s_value == 0.0:
-            return -_rho(t_value)
-        alpha_s = float(alpha_sigma(logsnr(torch.tensor(s_value, dtype=torch.float64)))[0])
-        return alpha_s * (_rho(s_value) - _rho(t_value))
+    def coefficient(self, plan, k: int) -> float:
+        return _ddim_coefficient(plan[k], plan[k + 1])
 
 
-BASES = {"ddim": DDIMBase}
+class GDDIMBase(DDIMBase):
+    """gDDIM of order q (`sferd.diffusion.gddim`, a DEIS-type multistep exponential integrator) as a D-ODE base,
+    D = ε̂. Its step is DDIM(x̂₀_0) + Σ_{j≥1} w_j (ε̂_j − ε̂_0), so a change δ of the current ε̂ moves x_s by
+    (α_s (ρ_s − ρ_t) − Σ_j w_j) δ = α_s C_0 δ: that is c. The history holds the network's ε̂ (uncorrected)."""
+
+    name = "gddim"
+
+    def __init__(self, *, order: int = 2, clip: bool = True):
+        super().__init__(clip=clip)
+        if isinstance(order, bool) or not isinstance(order, int) or order < 0:
+            raise ValueError(f"gDDIM order must be a non-negative int, got {order!r}")
+        self.order = order
+        self.history_length = max(1, order)
+
+    def plan(self, grid):
+        if self.order > len(grid) - 2:
+            raise ValueError(f"gDDIM order {self.order} needs at least {self.order + 1} steps to be reached, "
+                             f"the grid has {len(grid) - 1}")
+        return gddim_coefficients(grid, self.order)
+
+    def step(self, plan, k, x, x0, eps, history):
+        return gddim_step(plan.steps[k], x, x0, eps, history)
+
+    def coefficient(self, plan, k):
+        st = plan.steps[k]
+        return _ddim_coefficient(st.t, st.s) - sum(st.history)
+
+
+BASES = {"ddim": DDIMBase, "gddim": GDDIMBase}
 
 
 def teacher_grid(grid_or_steps, factor: int) -> tuple[float, ...]:
@@ -107,24 +157,28 @@ def _chunks(n: int, chunks: int | Sequence[slice]) -> list[slice]:
 @torch.no_grad()
 def teacher_targets(base, denoise, noise, grid_or_steps, *, factor: int, y=None,
                     chunks: int | Sequence[slice] = 1) -> list[torch.Tensor]:
-    """The teacher's states at the student's grid times after the start (one tensor per student step)."""
+    """The teacher's states at the student's grid times after the start (one tensor per student step): `base`
+    (the teacher solver, which need not be the student's: D-DPM-Solver's teacher is DDIM) run uncorrected on the
+    grid refined `factor` times."""
     tgrid = teacher_grid(grid_or_steps, factor)
+    plan = base.plan(tgrid)
     n_student = len(tgrid[::factor]) - 1
     out: list[list[torch.Tensor]] = [[] for _ in range(n_student)]
     for sl in _chunks(noise.shape[0], chunks):
-        x, yc = noise[sl], (None if y is None else y[sl])
-        for j, (tv, sv) in enumerate(zip(tgrid, tgrid[1:])):
+        x, yc, history = noise[sl], (None if y is None else y[sl]), []
+        for j, tv in enumerate(tgrid[:-1]):
             x0, eps = base.predict(denoise, x, tv, yc)
-            x = base.step(x, x0, eps, tv, sv)
+            x = base.step(plan, j, x, x0, eps, history)
+            history = [eps] + history[: base.history_length - 1]
             if (j + 1) % factor == 0:
                 out[(j + 1) // factor - 1].append(x)
     return [torch.cat(parts) for parts in out]
 
 
-def _corrected(base, x, x0, eps, prev, tv, sv, lam):
-    """(x_s(0), d = c ΔD, x_s(λ)) for one student step; ΔD = ε̂ − ε̂_prev, or ε̂ − x at the first step."""
-    base_next = base.step(x, x0, eps, tv, sv)
-    direction = base.coefficient(tv, sv) * (eps - (x if prev is None else prev))
+def _corrected(base, plan, k, x, x0, eps, history, lam):
+    """(x_s(0), d = c ΔD, x_s(λ)) for student step k; ΔD = ε̂ − ε̂_prev, or ε̂ − x at the first step."""
+    base_next = base.step(plan, k, x, x0, eps, history)
+    direction = base.coefficient(plan, k) * (eps - (history[0] if history else x))
     return base_next, direction, (base_next if lam == 0.0 else base_next + lam * direction)
 
 
@@ -147,17 +201,18 @@ def fit_lambdas(base, denoise, noise, grid_or_steps, targets: Sequence[torch.Ten
     grid = time_grid(grid_or_steps)
     if len(targets) != len(grid) - 1:
         raise ValueError(f"{len(targets)} teacher targets for a {len(grid) - 1}-step student grid")
+    plan = base.plan(grid)
     parts = _chunks(noise.shape[0], chunks)
     xs = [noise[sl] for sl in parts]
     ys = [None if y is None else y[sl] for sl in parts]
-    prevs: list[torch.Tensor | None] = [None] * len(parts)
+    histories: list[list[torch.Tensor]] = [[] for _ in parts]
     lambdas, nums, dens = [], [], []
-    for i, (tv, sv) in enumerate(zip(grid, grid[1:])):
+    for i, tv in enumerate(grid[:-1]):
         sums = torch.zeros(2, dtype=torch.float64)
         pending = []
         for k, sl in enumerate(parts):
             x0, eps = base.predict(denoise, xs[k], tv, ys[k])
-            base_next, direction, _ = _corrected(base, xs[k], x0, eps, prevs[k], tv, sv, 0.0)
+            base_next, direction, _ = _corrected(base, plan, i, xs[k], x0, eps, histories[k], 0.0)
             r = targets[i][sl].double() - base_next.double()
             d = direction.double()
             sums += torch.stack([(r * d).sum(), (d * d).sum()])
@@ -168,17 +223,19 @@ def fit_lambdas(base, denoise, noise, grid_or_steps, targets: Sequence[torch.Ten
         lam = num / den if den > 0.0 else 0.0
         for k, (eps, base_next, direction) in enumerate(pending):
             xs[k] = base_next if lam == 0.0 else base_next + lam * direction
-            prevs[k] = eps
+            histories[k] = [eps] + histories[k][: base.history_length - 1]
         lambdas.append(lam)
         nums.append(num)
         dens.append(den)
     return Calibration(grid, factor, tuple(lambdas), tuple(nums), tuple(dens))
 
 
-def calibrate(base, denoise, noise, grid_or_steps, *, factor: int, y=None, chunks: int | Sequence[slice] = 1,
-              reduce: Reduce | None = None) -> Calibration:
-    """Teacher run (K = `factor`) and greedy fit on one calibration batch `noise`."""
-    targets = teacher_targets(base, denoise, noise, grid_or_steps, factor=factor, y=y, chunks=chunks)
+def calibrate(base, denoise, noise, grid_or_steps, *, factor: int, teacher=None, y=None,
+              chunks: int | Sequence[slice] = 1, reduce: Reduce | None = None) -> Calibration:
+    """Teacher run (K = `factor`; `teacher` defaults to the student's base solver) and greedy fit on one
+    calibration batch `noise`."""
+    targets = teacher_targets(base if teacher is None else teacher, denoise, noise, grid_or_steps, factor=factor,
+                              y=y, chunks=chunks)
     return fit_lambdas(base, denoise, noise, grid_or_steps, targets, y=y, chunks=chunks, reduce=reduce,
                        factor=factor)
 
@@ -186,13 +243,13 @@ def calibrate(base, denoise, noise, grid_or_steps, *, factor: int, y=None, chunk
 class DODESampler:
     """A base solver with fitted λ's applied (the `d_ddim` sampler): one λ per step of the grid it is called on."""
 
-    def __init__(self, *, lambdas: Sequence[float], base: str = "ddim", clip: bool = True):
+    def __init__(self, *, lambdas: Sequence[float], base: str = "ddim", clip: bool = True, **base_options):
         if base not in BASES:
             raise ValueError(f"unknown D-ODE base solver {base!r}; known: {sorted(BASES)}")
         self.lambdas = tuple(float(v) for v in lambdas)
         if not all(math.isfinite(v) for v in self.lambdas):
             raise ValueError(f"non-finite λ in {self.lambdas}")
-        self.base = BASES[base](clip=clip)
+        self.base = BASES[base](clip=clip, **base_options)
         self.name = f"d_{base}"
 
     @torch.no_grad()
@@ -200,13 +257,14 @@ class DODESampler:
         grid = time_grid(grid_or_steps)
         if len(grid) - 1 != len(self.lambdas):
             raise ValueError(f"{len(self.lambdas)} fitted λ's for a {len(grid) - 1}-step grid")
-        x, prev = noise, None
-        for i, (tv, sv) in enumerate(zip(grid, grid[1:])):
+        plan = self.base.plan(grid)
+        x, history = noise, []
+        for i, tv in enumerate(grid[:-1]):
             x0, eps = self.base.predict(denoise, x, tv, y)
-            _, _, x = _corrected(self.base, x, x0, eps, prev, tv, sv, self.lambdas[i])
-            prev = eps
+            _, _, x = _corrected(self.base, plan, i, x, x0, eps, history, self.lambdas[i])
+            history = [eps] + history[: self.base.history_length - 1]
             if callback is not None:
-                callback(i, sv, x)
+                callback(i, grid[i + 1], x)
         return x
 
 
@@ -214,4 +272,9 @@ def _d_ddim(**options) -> DODESampler:
     return DODESampler(base="ddim", **options)
 
 
+def _d_gddim(**options) -> DODESampler:
+    return DODESampler(base="gddim", **options)
+
+
 register("d_ddim", _d_ddim)
+register("d_gddim", _d_gddim)
