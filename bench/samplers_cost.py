@@ -85,7 +85,8 @@ def main() -> None:
         f"gddim (order {q})": lambda: make_sampler("gddim", order=q)(den, noise, steps),
         "euler_pf": lambda: make_sampler("euler_pf")(den, noise, steps),
         "d_ddim (K = 2)": lambda: make_sampler("d_ddim", lambdas=cal.lambdas)(den, noise, steps),
-        f"d_gddim (order {q}, K = 2)": lambda: make_sampler("d_gddim", lambdas=cal_g.lambdas, order=q)(den, noise, steps),
+        f"d_gddim (order {q}, K = 2)": lambda: make_sampler("d_gddim", lambdas=cal_g.lambdas, order=q)(
+            den, noise, steps),
         f"gddim_cld (order {q})": lambda: make_sampler("gddim_cld", process=cld, order=q)(
             cld_eps, cld_noise, steps),
     }
