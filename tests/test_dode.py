@@ -6,6 +6,7 @@ gaussian_ref.py) and, for the least-squares solution, numpy's lstsq on the expli
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -40,6 +41,9 @@ def test_correction_reduces_error_on_gaussian_teacher():
     base = DDIMBase(clip=False)
     cal = calibrate(base, gaussian_denoiser, noise64(128, seed=1), 4, factor=10)
     assert any(abs(v) > 1e-3 for v in cal.lambdas), cal.lambdas
+    record = json.loads(json.dumps(cal.as_dict()))
+    assert record["lambdas"] == list(cal.lambdas) and record["factor"] == 10 and record["base"] == "ddim"
+    assert record["grid"] == [1.0, 0.75, 0.5, 0.25, 0.0]
     x_eval = noise64(256, seed=2)  # fresh noise: the λ's generalise, they are not fitted to these samples
     teacher_end = teacher_targets(base, gaussian_denoiser, x_eval, 4, factor=10)[-1]
     plain = DDIM(clip=False)(gaussian_denoiser, x_eval, 4)

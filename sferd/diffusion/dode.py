@@ -191,6 +191,13 @@ class Calibration:
     lambdas: tuple[float, ...]
     numerators: tuple[float, ...]
     denominators: tuple[float, ...]
+    base: str = "ddim"
+
+    def as_dict(self) -> dict:
+        """The JSON-ready record a calibration stage writes (the released code never saves its λ's). Floats are
+        Python floats, so `json.dumps` writes them with repr's round-trip precision."""
+        return {"base": self.base, "factor": self.factor, "grid": list(self.grid), "lambdas": list(self.lambdas),
+                "numerators": list(self.numerators), "denominators": list(self.denominators)}
 
 
 @torch.no_grad()
@@ -227,7 +234,8 @@ def fit_lambdas(base, denoise, noise, grid_or_steps, targets: Sequence[torch.Ten
         lambdas.append(lam)
         nums.append(num)
         dens.append(den)
-    return Calibration(grid, factor, tuple(lambdas), tuple(nums), tuple(dens))
+    label = base.name if not hasattr(base, "order") else f"{base.name}(order={base.order})"
+    return Calibration(grid, factor, tuple(lambdas), tuple(nums), tuple(dens), label)
 
 
 def calibrate(base, denoise, noise, grid_or_steps, *, factor: int, teacher=None, y=None,
