@@ -27,6 +27,8 @@ The student then continues from x_s(λ_i). The two sums are accumulated over chu
 distributed stage) summed over processes with `reduce` before the division: the λ's are those of the one global
 calibration batch whatever the chunking or process count (the released code fits per GPU; baselines.md pitfalls).
 In the reference's EDM form the update is x_{i+1} += λ ΔD, i.e. c = 1; here c is the step's own ∂x_s/∂D.
+What remains split-dependent is only the network's own batch-size dependence (float32 kernels may round
+differently for different batch shapes), not the fit: tests/test_dode.py checks 1e-12 agreement on a float64 model.
 `reduce` receives a CPU float64 tensor; a distributed caller moves it to the backend's device (NCCL wants CUDA)
 and back, and must call it on every rank at every step (it is collective).
 
@@ -204,7 +206,8 @@ class Calibration:
 def fit_lambdas(base, denoise, noise, grid_or_steps, targets: Sequence[torch.Tensor], *, y=None,
                 chunks: int | Sequence[slice] = 1, reduce: Reduce | None = None, factor: int = 0) -> Calibration:
     """Greedy closed-form λ's along the student trajectory (module docstring). `reduce` sums the [num, den] float64
-    pair across processes (an all-reduce); chunks simulate the split of the batch."""
+    pair across processes (an all-reduce); chunks split the local batch (memory, or to simulate processes).
+    `factor` is only recorded (0: unknown, when the targets came from elsewhere)."""
     grid = time_grid(grid_or_steps)
     if len(targets) != len(grid) - 1:
         raise ValueError(f"{len(targets)} teacher targets for a {len(grid) - 1}-step student grid")
