@@ -402,6 +402,8 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     render_name = f"{table.id}-render"
     md = f"{TABLES_DIR}/{table.id}.md"
     png, csv, grids = f"{TABLES_DIR}/{table.id}-fid.png", f"{TABLES_DIR}/{table.id}-fid.csv", f"{TABLES_DIR}/{table.id}-samples"
+    # paired differences only when asked for: a table without them keeps its render params (and DVC state) as it was
+    paired = {"paired": f"{TABLES_DIR}/{table.id}-paired.csv"} if table.paired_against is not None else {}
     stages.append(
         Stage(
             name=render_name,
@@ -409,7 +411,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
             params={
                 "kind": "render",
                 "spec": spec_path,
-                "table": table.model_dump(mode="json"),
+                "table": table.model_dump(mode="json", exclude=None if paired else {"paired_against"}),
                 "rows": fid_rows,
                 "reported": [r.model_dump(mode="json") for r in spec.reported],
                 **({"extra_metrics": list(extra)} if extra else {}),
@@ -417,12 +419,12 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                 **({"scale": {"name": spec.scale, "description": spec.scales[spec.scale].description,
                               "set": spec.scales[spec.scale].model_dump(mode="json")["set"]}}
                    if spec.scale is not None else {}),
-                "outputs": {"markdown": md, "plot": png, "plot_data": csv, "grids": grids},
+                "outputs": {"markdown": md, "plot": png, "plot_data": csv, "grids": grids, **paired},
             },
             # metrics for the table, the FID stages' folders for the sample grids
             deps=tuple(r["metrics"] for r in fid_rows) + tuple(stage_dir(r["name"]) for r in fid_rows),
             outs=(),
-            uncached_outs=(md, png, grids),
+            uncached_outs=(md, png, grids, *paired.values()),
             plots=((csv, {"cache": False, "x": "steps", "y": "fid", "template": "scatter",
                           "title": f"{table.title}", "x_label": "sampling steps", "y_label": "FID"}),),
             cost={},

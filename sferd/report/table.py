@@ -4,7 +4,9 @@ Rows are models (teacher DDIM, each method), columns are step counts; calibratio
 noise) sit in their own block. A cell whose metrics file does not exist yet is *marked* missing, never
 hidden; paper numbers appear in their own rows with their source, never mixed into ours. Metrics beyond FID
 (the spec's `evaluation.metrics`: Inception Score, precision/recall) get one table each below the FID table,
-built the same way; without them the output is exactly the FID table.
+built the same way; without them the output is exactly the FID table. A table with `paired_against` (several
+seeds) adds each method's paired difference to that baseline, seed by seed, with a Student-t interval
+(sferd.report.paired), and the render stage writes them to a CSV beside the table.
 """
 
 from __future__ import annotations
@@ -162,7 +164,9 @@ def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[
             if v not in provenance[k]:
                 provenance[k].append(v)
     machines, unrecorded = _machines(present)
+    baseline = table.get("paired_against")
     return {
+        "paired": paired_section(model_rows, baseline) if baseline else None,
         "title": table["title"],
         "table_id": table["id"],
         "steps": steps,
@@ -186,6 +190,84 @@ def table_context(spec_path: str, table: dict, rows: list[dict], reported: list[
         "commit": _git_commit(root),
         "version": sferd.__version__,
     }
+
+
+def _by_seed(sub: pd.DataFrame, key: str = FID) -> dict[int, float | None]:
+    """seed → value of one (row, steps) cell's replicates; None where not measured (yet)."""
+    out: dict[int, float | None] = {}
+    for _, rec in sub.iterrows():
+        seed = int(rec["seed"])
+        if seed in out:  # the graph plans one FID stage per (row, steps, seed)
+            raise ValueError(f"row {rec['row']!r} at {rec['steps']} steps has two metrics files for seed {seed}")
+        v = rec["metrics_data"].get(key) if rec["present"] else None
+        out[seed] = float(v) if v is not None else None
+    return out
+
+
+def paired_section(model_rows: pd.DataFrame, baseline: str, key: str = FID, decimals: int = 2) -> dict:
+    """The paired differences (row − baseline, same seed, same steps) of every chain row but the baseline, at each
+    step count both have: for the table (formatted `rows`) and the CSV beside it (`records`).
+
+    Chain rows are the rows with a seed (the graph gives the teacher's and calibration rows none). A pair with any
+    seed not measured is `missing (k/n seeds)`, like a cell of the main table."""
+    from sferd.report.paired import CONFIDENCE, paired_difference
+
+    chains = model_rows[model_rows["seed"].notna()]
+    base = chains[chains["row"] == baseline]
+    base_label = base.iloc[0]["label"] if len(base) else baseline
+    rows, records = [], []
+    for row_id in dict.fromkeys(chains["row"]):
+        if row_id == baseline:
+            continue
+        sub = chains[chains["row"] == row_id]
+        for steps in sorted({int(s) for s in sub["steps"]} & {int(s) for s in base["steps"]}):
+            d = paired_difference(_by_seed(sub[sub["steps"] == steps], key),
+                                  _by_seed(base[base["steps"] == steps], key), confidence=CONFIDENCE)
+            label = sub.iloc[0]["label"]
+            if d.mean is None:
+                status = f"{MISSING} ({d.n}/{len(d.seeds)} seeds)"
+            elif d.low is None:
+                status = "no interval (1 seed)"
+            else:
+                status = "distinguishable from 0" if d.excludes_zero else "not distinguishable from 0"
+            rows.append({
+                "label": label, "steps": steps,
+                "mean": f"{d.mean:+.{decimals}f}" if d.mean is not None else status,
+                "interval": f"[{d.low:+.{decimals}f}, {d.high:+.{decimals}f}]" if d.low is not None else "",
+                "std": f"{d.std:.{decimals}f}" if d.std is not None else "",
+                "n": d.n if d.mean is not None else "",
+                "verdict": status if d.mean is not None else "",
+            })
+            records.append({
+                "method": row_id, "label": label, "baseline": baseline, "steps": steps, "metric": key,
+                "seeds_planned": " ".join(map(str, d.seeds)), "seeds_measured": " ".join(map(str, d.measured)),
+                "differences": " ".join(f"{x:.6f}" for x in d.differences),
+                "n": d.n, "mean": d.mean, "std": d.std, "t_quantile": d.t, "low": d.low, "high": d.high,
+                "confidence": d.confidence,
+                "excludes_zero": "" if d.excludes_zero is None else str(d.excludes_zero).lower(),
+                "status": "ok" if d.low is not None else ("missing" if d.mean is None else "one seed"),
+            })
+    return {"baseline": baseline, "baseline_label": base_label,
+            "confidence": f"{CONFIDENCE:.0%}".replace("%", " %"), "rows": rows, "records": records,
+            "csv": None}  # the render stage sets the name of the CSV it writes beside the table
+
+
+PAIRED_COLUMNS = ["method", "label", "baseline", "steps", "metric", "seeds_planned", "seeds_measured", "differences",
+                  "n", "mean", "std", "t_quantile", "low", "high", "confidence", "excludes_zero", "status"]
+
+
+def paired_csv(section: dict) -> str:
+    """The paired differences as CSV (one line per method and step count; numbers to 6 decimals, empty when not
+    computed): every value the table shows, plus the per-seed differences behind it."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=PAIRED_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in section["records"]:
+        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else ("" if v is None else v)) for k, v in r.items()})
+    return buf.getvalue()
 
 
 def _machines(present: pd.DataFrame) -> tuple[list[dict], int]:

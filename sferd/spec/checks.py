@@ -137,6 +137,23 @@ def _check_size(spec: Spec) -> list[Problem]:
                     f"{MAX_STAGES}: split it into several specs")]
 
 
+def _check_paired(spec: Spec, names: dict[str, int]) -> list[Problem]:
+    """`table.paired_against` names a method of this spec, and there are seeds to pair: a Student-t interval over
+    per-seed differences needs n ≥ 2 (its n − 1 degrees of freedom)."""
+    baseline = spec.table.paired_against
+    if baseline is None:
+        return []
+    where = ("table", "paired_against")
+    if baseline not in names:
+        return [(where, f"no method named {baseline!r} to pair against (methods: {sorted(names)})")]
+    n = len(spec.chain_seeds)
+    if n < 2:
+        how = f"`seeds` lists {n}" if spec.seeds is not None else "the spec has one (`seed`; no `seeds` list)"
+        return [(where, f"paired differences need at least 2 seeds for an interval (n − 1 degrees of freedom); "
+                        f"{how}")]
+    return []
+
+
 # metrics-file value → the `evaluation.metrics` option that produces it
 PRODUCER = {value: option for option, values in keys.METRIC_VALUES.items() for value in values}
 
@@ -223,6 +240,8 @@ def check_spec(spec: Spec) -> list[Problem]:
     problems.extend(_check_metrics(ev))
     if not problems:
         problems.extend(_check_size(spec))
+
+    problems.extend(_check_paired(spec, names))
 
     for r, row in enumerate(spec.reported):
         if row.method is not None and row.method not in names:

@@ -635,6 +635,13 @@ class EvaluationSpec(Model):
 class TableSpec(Model):
     id: str = Field(description="Table id; the Markdown lands at results/tables/<id>.md.")
     title: str = Field(min_length=1, max_length=200, description="Heading of the rendered table.")
+    paired_against: str | None = Field(
+        None,
+        max_length=NAME_MAX,
+        description="A method name: the table adds, per other method and student step count, the paired difference "
+        "method − this method over the spec's seeds (same seed, same steps) with a 95 % Student-t interval, and "
+        "writes them to results/tables/<id>-paired.csv. Needs at least 2 `seeds`. null: no paired differences.",
+    )
 
     @field_validator("id")
     @classmethod

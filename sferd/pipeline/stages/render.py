@@ -10,7 +10,7 @@ def run(name: str, params: dict) -> None:
     from pathlib import Path
 
     from sferd.report.figures import fid_series, write_fid_plot, write_sample_grid
-    from sferd.report.table import gather, render_markdown, table_context
+    from sferd.report.table import gather, paired_csv, render_markdown, table_context
 
     outs = params["outputs"]
     ctx = table_context(params["spec"], params["table"], params["rows"], params["reported"],
@@ -25,6 +25,9 @@ def run(name: str, params: dict) -> None:
             png = grids / f"{r['name']}.png"
             write_sample_grid(r["samples"], png)
             shown.append({"label": r["label"], "steps": r["steps"], "seed": r.get("seed"), "path": png.name})
+    if ctx["paired"] is not None:  # declared in dvc.yaml exactly when the spec's table asks for it (graph.py)
+        atomic_write_text(outs["paired"], paired_csv(ctx["paired"]))
+        ctx["paired"]["csv"] = Path(outs["paired"]).name  # beside the table: linked by file name
     ctx["figures"] = {"plot": Path(outs["plot"]).name, "grids_dir": grids.name, "grids": shown}
     atomic_write_text(outs["markdown"], render_markdown(ctx))
     print(f"{name}: wrote {params['outputs']['markdown']} ({ctx['n_cells'] - ctx['n_missing']}/{ctx['n_cells']} cells)")

@@ -1,0 +1,32 @@
+"""bench/samplers_cost.py in its tiny configuration, as a subprocess (~8 s here), as tests/test_bench_tiny.py does
+for the training bench: one thread, because on shared cores OpenMP's spin-waiting times the neighbours."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLERS = ("ddim", "gddim (order 2)", "euler_pf", "d_ddim (K = 2)", "d_gddim (order 2, K = 2)", "gddim_cld (order 2)")
+
+
+def test_samplers_cost_runs_tiny():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "bench/samplers_cost.py", "--tiny"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert re.search(rf"^machine: torch {re.escape(torch.__version__)}, CPU .+, 1 thread, 1 process, fp32$", out,
+                     flags=re.M), out
+    assert "TINY configuration" in out and "batch 2, 4 steps" in out, out
+    for name in SAMPLERS:
+        m = re.search(rf"^{re.escape(name)} +([\d.]+) s/sample +([\d.]+)× DDIM +\(4 NFE\)$", out, flags=re.M)
+        assert m and float(m[1]) > 0 and float(m[2]) > 0, (name, out)
+    # the same network evaluations: no sampler may cost a multiple of DDIM (loose, the cores are shared)
+    ratios = [float(v) for v in re.findall(r"([\d.]+)× DDIM", out)]
+    assert ratios[0] == 1.0 and max(ratios) < 3.0, out
