@@ -189,8 +189,8 @@ def test_same_stage_name_with_other_params_in_another_pipeline_is_an_error(tmp_p
     shutil.copytree(ROOT / "specs", tmp_path / "specs")
     abl = tmp_path / "specs/quickstart-ablation.yaml"
     text = abl.read_text()
-    assert "    lr: 1.0e-4\n" in text
-    abl.write_text(text.replace("    lr: 1.0e-4\n", "    lr: 2.0e-4\n", 1))  # the PD chain, with another lr
+    assert "    lr: 4.0e-4\n" in text
+    abl.write_text(text.replace("    lr: 4.0e-4\n", "    lr: 2.0e-4\n", 1))  # the PD chain, with another lr
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(app, ["compile"])
     assert r.exit_code == 1
