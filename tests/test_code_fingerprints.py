@@ -1,4 +1,4 @@
-"""Code deps through one fingerprint file per stage kind (sferd/pipeline/codedeps.py): the entry point that writes
+"""Code deps through one fingerprint file per stage kind (sferd/pipeline/fingerprints.py): the entry point that writes
 them, and, in a throw-away git+DVC repo, that a source edit re-runs only the stages whose kind imports the file."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import pytest
 from ruamel.yaml import YAML
 from workspace import init_repo, run
 
-from sferd.pipeline import codedeps
-from sferd.pipeline.codedeps import FINGERPRINT_STAGE, code_fingerprint, fingerprint_path, stage_code
+from sferd.pipeline import fingerprints
+from sferd.pipeline.codedeps import code_fingerprint, stage_code
+from sferd.pipeline.fingerprints import FINGERPRINT_STAGE, fingerprint_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def pkg(tmp_path):
 
 
 def test_entry_point_writes_one_file_per_kind(pkg):
-    assert codedeps.main(["--out", "results/code", "teacher", "distill", "teacher"], root=str(pkg)) == 0
+    assert fingerprints.main(["--out", "results/code", "teacher", "distill", "teacher"], root=str(pkg)) == 0
     written = sorted(p.name for p in (pkg / "results/code").iterdir())
     assert written == ["distill.sha256", "teacher.sha256"]  # each kind once, no temporary file left behind
     lines = (pkg / "results/code/teacher.sha256").read_text().splitlines()
@@ -52,18 +53,18 @@ def test_entry_point_replaces_files_atomically(pkg, monkeypatch, capsys):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", crash)  # the rename that publishes the new file fails
-    assert codedeps.main(["--out", "results/code", "teacher"], root=str(pkg)) == 1
+    assert fingerprints.main(["--out", "results/code", "teacher"], root=str(pkg)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "Traceback" not in err[0]
     assert out.read_text() == "old\n"  # the old file whole, never a half-written one
     assert sorted(p.name for p in out.parent.iterdir()) == ["teacher.sha256"]  # the temporary file is gone
     monkeypatch.undo()
-    assert codedeps.main(["--out", "results/code", "teacher"], root=str(pkg)) == 0
-    assert out.read_text() == codedeps.fingerprint_text(str(pkg), "teacher")  # once it can, the whole new file
+    assert fingerprints.main(["--out", "results/code", "teacher"], root=str(pkg)) == 0
+    assert out.read_text() == fingerprints.fingerprint_text(str(pkg), "teacher")  # once it can, the whole new file
 
 
 @pytest.mark.parametrize("argv, code, message", [
-    ([], 2, "usage: python -m sferd.pipeline.codedeps --out DIR KIND"),
+    ([], 2, "usage: python -m sferd.pipeline.fingerprints --out DIR KIND"),
     (["--out", "results/code"], 2, "usage:"),
     (["results/code", "teacher"], 2, "usage:"),
     (["--out", "../elsewhere", "teacher"], 2, "not a relative folder inside the repository"),
@@ -73,20 +74,20 @@ def test_entry_point_replaces_files_atomically(pkg, monkeypatch, capsys):
     (["--out", "results/code", "common_x"], 1, "no stage kind 'common_x'"),
 ])
 def test_entry_point_refuses_bad_input_in_one_line(pkg, capsys, argv, code, message):
-    assert codedeps.main(argv, root=str(pkg)) == code
+    assert fingerprints.main(argv, root=str(pkg)) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (pkg / "results/code/teacher.sha256").exists()  # every kind is checked before anything is written
 
 
 def test_entry_point_as_a_command(pkg):
-    """What DVC runs: `python -m sferd.pipeline.codedeps` from the repo root; exit codes, no traceback."""
+    """What DVC runs: `python -m sferd.pipeline.fingerprints` from the repo root; exit codes, no traceback."""
     env = {**os.environ, "PYTHONPATH": str(pkg)}
-    ok = subprocess.run([sys.executable, "-m", "sferd.pipeline.codedeps", "--out", "results/code", "render"], cwd=pkg,
+    ok = subprocess.run([sys.executable, "-m", "sferd.pipeline.fingerprints", "--out", "results/code", "render"], cwd=pkg,
                         capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
     assert "  sferd/report/templates/table.md.j2\n" in (pkg / "results/code/render.sha256").read_text()
-    bad = subprocess.run([sys.executable, "-m", "sferd.pipeline.codedeps", "--out", "results/code", "x-y"], cwd=pkg,
+    bad = subprocess.run([sys.executable, "-m", "sferd.pipeline.fingerprints", "--out", "results/code", "x-y"], cwd=pkg,
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
 
@@ -94,12 +95,12 @@ def test_entry_point_as_a_command(pkg):
 def test_fingerprint_argv_takes_identifiers_only():
     import shlex
 
-    argv = codedeps.fingerprint_argv(["teacher", "distill", "teacher"])
+    argv = fingerprints.fingerprint_argv(["teacher", "distill", "teacher"])
     assert shlex.split(shlex.join(argv)) == argv == [
-        "python", "-m", "sferd.pipeline.codedeps", "--out", "results/code", "distill", "teacher"]
+        "python", "-m", "sferd.pipeline.fingerprints", "--out", "results/code", "distill", "teacher"]
     for bad in ([], ["teacher", "a b"], ["$(id)"], ["Teacher"]):
         with pytest.raises(ValueError):
-            codedeps.fingerprint_argv(bad)
+            fingerprints.fingerprint_argv(bad)
 
 
 def _status(d: Path) -> set[str]:

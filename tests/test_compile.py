@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from sferd.pipeline.codedeps import FINGERPRINT_STAGE, fingerprint_path
+from sferd.pipeline.fingerprints import FINGERPRINT_STAGE, fingerprint_path
 from sferd.pipeline.dvcfile import pipeline_files
 from sferd.pipeline.graph import build_graph, bundle
 from sferd.spec import load_spec
@@ -58,7 +58,7 @@ def test_stage_graph_is_closed_and_well_named():
     for name, st in dvc.items():
         assert NAME.match(name), name
         if name == FINGERPRINT_STAGE:
-            assert shlex.split(st["cmd"])[:5] == ["python", "-m", "sferd.pipeline.codedeps", "--out", "results/code"]
+            assert shlex.split(st["cmd"])[:5] == ["python", "-m", "sferd.pipeline.fingerprints", "--out", "results/code"]
             assert st["params"] == [{"params.json": [name]}] and order[0] == name  # first: every stage needs it
         else:
             assert shlex.split(st["cmd"]) == ["python", "-m", "sferd.pipeline.launch", "--params", "params.json", name]
@@ -143,7 +143,7 @@ def test_code_deps_are_specific():
     assert "sferd/nn/unet.py" not in code["render"]
     assert "sferd/report/templates/table.md.j2" in code["render"]
     assert set(dvc[FINGERPRINT_STAGE]["deps"]) == {f for files in code.values() for f in files} | {
-        "sferd/pipeline/codedeps.py"}
+        "sferd/pipeline/codedeps.py", "sferd/pipeline/fingerprints.py"}
 
 
 def test_pd_param_change_touches_only_pd_sections(tmp_path):

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from sferd.pipeline.codedeps import FINGERPRINT_STAGE, _imports, code_fingerprint, fingerprint_text, stage_code
+from sferd.pipeline.codedeps import _imports, code_fingerprint, stage_code
+from sferd.pipeline.fingerprints import FINGERPRINT_STAGE, fingerprint_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK = {"util": 0, "nn": 1, "diffusion": 1, "data": 1, "methods": 2, "metrics": 2, "report": 2, "spec": 3,
