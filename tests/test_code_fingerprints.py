@@ -155,3 +155,25 @@ def test_a_source_edit_reruns_only_the_stages_whose_kind_imports_it(tmp_path):
     assert "digits-teacher" in kinds_of and "digits-teacher" not in changed
     # and `compile --check` still agrees: a comment changes no closure
     run([*py, "sferd.cli", "compile", "specs/tiny.yaml", "--check"], d)
+
+
+def test_compile_check_reports_a_new_import_even_inside_the_union(tmp_path):
+    """The teacher starting to import the table code (a file the render kind already imports, so the fingerprint
+    stage's deps stay the same) still makes `compile --check` fail: params.json records each kind's file set."""
+    shutil.copytree(ROOT / "sferd", tmp_path / "sferd", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "specs", tmp_path / "specs")
+    for rel in ("dvc.yaml", "params.json"):
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    shutil.copytree(ROOT / "stages", tmp_path / "stages")
+
+    def check():  # a fresh process each time, as a user runs it (codedeps caches parses per process)
+        return subprocess.run([sys.executable, "-m", "sferd.cli", "compile", "--check"], cwd=tmp_path,
+                              capture_output=True, text=True)
+
+    assert check().returncode == 0
+    teacher = tmp_path / "sferd/methods/teacher.py"
+    teacher.write_text(teacher.read_text() + "\n\ndef _table():\n    from sferd.report import table\n\n    return table\n")
+    r = check()
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "stale: params.json" in r.stderr and "dvc.yaml" not in r.stderr.split("stale:")[1]
+    assert '+        "sferd/report/table.py",' in r.stdout  # the diff shows the file joining teacher's set
