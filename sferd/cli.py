@@ -267,7 +267,10 @@ def _compiled_files(specs, context=()) -> dict[str, str]:
     # The code fingerprint stage is shared like the teacher: one stage, in the first pipeline (_homes sorts the root
     # pipeline first), covering the kinds of every pipeline, the context's too, so that compiling one spec alone
     # writes the same stage as compiling them all.
-    code_home = next(iter(by_pipeline), None)
+    # A scaled pipeline (--scale) is compiled alone, on demand, often where the home pipeline was never compiled:
+    # it holds a fingerprint stage of its own (dvcfile.dvc_documents).
+    scaled = {spec.pipeline for _, spec in specs if spec.scale is not None}
+    code_home = next((p for p in by_pipeline if p not in scaled), None)
     all_kinds = stage_kinds([st for stages in by_pipeline.values() for st in stages])
     files: dict[str, str] = {}
     for pipeline, stages in by_pipeline.items():
@@ -275,7 +278,8 @@ def _compiled_files(specs, context=()) -> dict[str, str]:
             continue
         try:
             files.update(pipeline_files(stages, pipeline=pipeline, root=".",
-                                        code_kinds=all_kinds if pipeline == code_home else None))
+                                        code_kinds=all_kinds if pipeline == code_home else None,
+                                        own_code=pipeline in scaled))
         except CompileError as e:
             from sferd.spec import spec_issue
 

@@ -28,9 +28,9 @@ _OUT_DIR = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
 USAGE = "usage: python -m sferd.pipeline.fingerprints --out DIR KIND [KIND ...]"
 
 
-def fingerprint_path(kind: str) -> str:
+def fingerprint_path(kind: str, folder: str = FINGERPRINT_DIR) -> str:
     """The repo-relative file a stage of this kind depends on instead of its source files."""
-    return f"{FINGERPRINT_DIR}/{kind}.sha256"
+    return f"{folder}/{kind}.sha256"
 
 
 def fingerprint_text(root: str, kind: str) -> str:
@@ -40,13 +40,13 @@ def fingerprint_text(root: str, kind: str) -> str:
     return "\n".join([*lines, f"code_fingerprint {code_fingerprint(root, kind)}"]) + "\n"
 
 
-def fingerprint_argv(kinds: list[str] | tuple[str, ...]) -> list[str]:
+def fingerprint_argv(kinds: list[str] | tuple[str, ...], out: str = FINGERPRINT_DIR) -> list[str]:
     """The fingerprint stage's command. DVC runs it through a shell, so it is built from full-matched identifiers
     only (and `shlex.join`ed by the caller: `shlex.split` gives back exactly this list)."""
     bad = [k for k in kinds if not _KIND.fullmatch(k)]
-    if bad or not kinds:
-        raise ValueError(f"refusing to put stage kinds {bad or kinds!r} into a command")
-    return ["python", "-m", "sferd.pipeline.fingerprints", "--out", FINGERPRINT_DIR, *sorted(set(kinds))]
+    if bad or not kinds or not _OUT_DIR.fullmatch(out) or ".." in out.split("/"):
+        raise ValueError(f"refusing to put stage kinds {bad or kinds!r} / folder {out!r} into a command")
+    return ["python", "-m", "sferd.pipeline.fingerprints", "--out", out, *sorted(set(kinds))]
 
 
 class _Usage(Exception):
