@@ -260,14 +260,26 @@ def _compiled_files(specs, context=()) -> dict[str, str]:
     by_pipeline: dict[str, list[object]] = {}
     from sferd.pipeline.graph import bundle
 
+    from sferd.pipeline.dvcfile import stage_kinds
+
     for pipeline, stage in bundle(_homes([*specs, *context])):  # stage_granularity: row → one DVC stage per group
         by_pipeline.setdefault(pipeline, []).append(stage)
+    # The code fingerprint stage is shared like the teacher: one stage, in the first pipeline (_homes sorts the root
+    # pipeline first), covering the kinds of every pipeline, the context's too, so that compiling one spec alone
+    # writes the same stage as compiling them all.
+    # A scaled pipeline (--scale) is compiled alone, on demand, often where the home pipeline was never compiled:
+    # it holds a fingerprint stage of its own (dvcfile.dvc_documents).
+    scaled = {spec.pipeline for _, spec in specs if spec.scale is not None}
+    code_home = next((p for p in by_pipeline if p not in scaled), None)
+    all_kinds = stage_kinds([st for stages in by_pipeline.values() for st in stages])
     files: dict[str, str] = {}
     for pipeline, stages in by_pipeline.items():
         if pipeline not in wanted:
             continue
         try:
-            files.update(pipeline_files(stages, pipeline=pipeline, root="."))
+            files.update(pipeline_files(stages, pipeline=pipeline, root=".",
+                                        code_kinds=all_kinds if pipeline == code_home else None,
+                                        own_code=pipeline in scaled))
         except CompileError as e:
             from sferd.spec import spec_issue
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
+from sferd.pipeline.fingerprints import FINGERPRINT_STAGE, fingerprint_path
 from sferd.pipeline.dvcfile import pipeline_files
 from sferd.pipeline.graph import build_graph, bundle
 from sferd.spec import load_spec
@@ -21,15 +22,27 @@ def _compile(spec_rel: str):
     spec = load_spec(ROOT / spec_rel, display_path=spec_rel)
     stages = build_graph(spec, spec_path=spec_rel)  # the parts, whatever the spec's stage_granularity
     dvc_stages = [st for _, st in bundle([(spec.pipeline, st) for st in stages])]  # what `sferd-spec compile` writes
-    files = pipeline_files(dvc_stages, pipeline=spec.pipeline, root=str(ROOT))
+    # code_kinds=set(): this pipeline holds the code fingerprint stage, for its own stage kinds
+    files = pipeline_files(dvc_stages, pipeline=spec.pipeline, root=str(ROOT), code_kinds=set())
     return spec, stages, files
 
 
+def _code_sets(files) -> dict[str, list[str]]:
+    """Stage kind → the source files its fingerprint file covers (recorded in the fingerprint stage's params)."""
+    return json.loads(files["params.json"])[FINGERPRINT_STAGE]["stage_code"]
+
+
 def test_quickstart_compiles_to_committed_files():
+    """Compiled alone, the quickstart writes the committed files, its code fingerprint stage included: that stage
+    lists the stage kinds of every pipeline (the context specs too), whichever specs are compiled."""
+    r = subprocess.run([sys.executable, "-m", "sferd.cli", "compile", "specs/quickstart.yaml", "--check"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
     _, _, files = _compile("specs/quickstart.yaml")
-    for rel, text in files.items():
-        committed = (ROOT / rel).read_text(encoding="utf-8")
-        assert committed == text, f"{rel} is stale: run `sferd-spec compile`"
+    committed = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    compiled = YAML(typ="safe").load(files["dvc.yaml"])["stages"]
+    assert {k: v for k, v in committed.items() if k != FINGERPRINT_STAGE} == {
+        k: v for k, v in compiled.items() if k != FINGERPRINT_STAGE}
 
 
 def test_compile_check_cli_is_green_on_committed_tree():
@@ -44,16 +57,20 @@ def test_stage_graph_is_closed_and_well_named():
     order = list(dvc)
     for name, st in dvc.items():
         assert NAME.match(name), name
-        assert shlex.split(st["cmd"]) == ["python", "-m", "sferd.pipeline.launch", "--params", "params.json", name]
-        assert st["params"] == [{"params.json": [name]}]  # each stage reads only its own section
+        if name == FINGERPRINT_STAGE:
+            assert shlex.split(st["cmd"])[:5] == ["python", "-m", "sferd.pipeline.fingerprints", "--out", "results/code"]
+            assert st["params"] == [{"params.json": [name]}] and order[0] == name  # first: every stage needs it
+        else:
+            assert shlex.split(st["cmd"]) == ["python", "-m", "sferd.pipeline.launch", "--params", "params.json", name]
+            assert st["params"] == [{"params.json": [name]}]  # each stage reads only its own section
         for out in st.get("outs", []) + st.get("metrics", []):
             path = out if isinstance(out, str) else next(iter(out))
             assert path not in produced, f"{path} declared by {produced.get(path)} and {name}"
             produced[path] = name
     for name, st in dvc.items():
         for dep in st["deps"]:
-            if dep.startswith("sferd/"):
-                assert (ROOT / dep).is_file(), dep
+            if dep.startswith("sferd/"):  # source files: deps of the fingerprint stage only
+                assert name == FINGERPRINT_STAGE and (ROOT / dep).is_file(), (name, dep)
                 continue
             if dep.startswith("assets/"):  # fixed inputs committed to git (the versioned feature weights)
                 assert (ROOT / dep).is_file(), dep
@@ -107,14 +124,26 @@ def test_code_deps_are_specific():
     """A stage depends on the modules it imports, not the whole package (a CLI edit must not retrain)."""
     _, _, files = _compile("specs/quickstart.yaml")
     dvc = YAML(typ="safe").load(files["dvc.yaml"])["stages"]
-    teacher_deps = dvc["digits-teacher"]["deps"]
-    assert "sferd/methods/teacher.py" in teacher_deps
-    assert "sferd/nn/unet.py" in teacher_deps
-    assert "sferd/cli.py" not in teacher_deps
-    assert "sferd/report/table.py" not in teacher_deps
-    assert "sferd/methods/pd.py" not in teacher_deps
-    assert "sferd/methods/pd.py" in dvc["digits-pd-chain"]["deps"]  # the bundle of the PD halvings
-    assert "sferd/nn/unet.py" not in dvc["quickstart-render"]["deps"]
+    code = _code_sets(files)
+    # each stage depends on its kinds' fingerprint files and on no source file directly
+    assert [d for d in dvc["digits-teacher"]["deps"] if d.startswith(("sferd/", "results/code/"))] == [
+        fingerprint_path("teacher")]
+    assert fingerprint_path("distill") in dvc["digits-pd-chain"]["deps"]  # the bundle of the PD halvings
+    assert fingerprint_path("render") in dvc["quickstart-render"]["deps"]
+    # the fingerprint stage covers each of those files' sources, and only the files that kind imports
+    outs = dvc[FINGERPRINT_STAGE]["outs"]
+    assert {fingerprint_path(k) for k in ("teacher", "distill", "render")} <= set(outs)
+    teacher = code["teacher"]
+    assert "sferd/methods/teacher.py" in teacher
+    assert "sferd/nn/unet.py" in teacher
+    assert "sferd/cli.py" not in teacher
+    assert "sferd/report/table.py" not in teacher
+    assert "sferd/methods/pd.py" not in teacher
+    assert "sferd/methods/pd.py" in code["distill"]
+    assert "sferd/nn/unet.py" not in code["render"]
+    assert "sferd/report/templates/table.md.j2" in code["render"]
+    assert set(dvc[FINGERPRINT_STAGE]["deps"]) == {f for files in code.values() for f in files} | {
+        "sferd/pipeline/codedeps.py", "sferd/pipeline/fingerprints.py"}
 
 
 def test_pd_param_change_touches_only_pd_sections(tmp_path):
@@ -158,7 +187,7 @@ def test_ablation_pipeline_shares_the_quickstart_stages(tmp_path, monkeypatch):
     root = YAML(typ="safe").load((tmp_path / "dvc.yaml").read_text())["stages"]
     assert not set(abl) & set(root)
     root_params = json.loads((tmp_path / "params.json").read_text())
-    in_root = set(root) | {p["name"] for st in root_params.values() if st["kind"] == "bundle" for p in st["parts"]}
+    in_root = set(root) | {p["name"] for st in root_params.values() if st.get("kind") == "bundle" for p in st["parts"]}
     for shared in ("digits-data", "digits-teacher", "digits-pd-s0004", "digits-pd-s0004-fid", "digits-teacher-s0004-fid"):
         assert shared in in_root and shared not in abl
     # one guided halving per ψ, branched off PD's 8-step student (a root stage)
@@ -173,7 +202,7 @@ def test_ablation_pipeline_shares_the_quickstart_stages(tmp_path, monkeypatch):
     for name, st in abl.items():
         assert st["wdir"] == "../.." and st["params"] == [{"stages/quickstart-ablation/params.json": [name]}]
         for dep in st["deps"]:
-            assert dep.startswith("sferd/") or dep in produced, f"{name}: nothing produces {dep}"
+            assert dep in produced, f"{name}: nothing produces {dep}"  # code too: the root's fingerprint files
     render = json.loads((tmp_path / "stages/quickstart-ablation/params.json").read_text())["quickstart-ablation-render"]
     assert [r["label"] for r in render["rows"] if r["steps"] == 4][:3] == ["Teacher (DDIM, no distillation)", "PD (no guidance)", "ψ = 0.8"]
 

@@ -216,6 +216,11 @@ def _check(case) -> None:
             params = f"{folder}params.json"
             stages = YAML(typ="safe").load((repo / folder / "dvc.yaml").read_text())["stages"]
             for stage, entry in stages.items():
+                if stage == "code-fingerprints":  # the code fingerprint stage: stage-kind identifiers only
+                    argv = shlex.split(entry["cmd"])
+                    assert argv[:5] == ["python", "-m", "sferd.pipeline.fingerprints", "--out", "results/code"]
+                    assert all(re.fullmatch(r"[a-z][a-z0-9_]*", k) for k in argv[5:])
+                    continue
                 assert shlex.split(entry["cmd"]) == ["python", "-m", "sferd.pipeline.launch", "--params", params,
                                                      stage]
 

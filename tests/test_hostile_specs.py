@@ -134,6 +134,10 @@ def test_every_compiled_command_is_exactly_the_launcher_argv(repo):
         stages = YAML(typ="safe").load((folder / "dvc.yaml").read_text())["stages"]
         assert stages
         for name, st in stages.items():
+            if name == "code-fingerprints":  # the code fingerprint stage: stage-kind identifiers only
+                assert shlex.split(st["cmd"])[:5] == ["python", "-m", "sferd.pipeline.fingerprints", "--out", "results/code"]
+                assert all(re.fullmatch(r"[a-z][a-z0-9_]*", k) for k in shlex.split(st["cmd"])[5:])
+                continue
             assert shlex.split(st["cmd"]) == ["python", "-m", "sferd.pipeline.launch", "--params", params, name]
 
 

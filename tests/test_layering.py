@@ -25,6 +25,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from sferd.pipeline.codedeps import _imports, code_fingerprint, stage_code
+from sferd.pipeline.fingerprints import FINGERPRINT_STAGE, fingerprint_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK = {"util": 0, "nn": 1, "diffusion": 1, "data": 1, "methods": 2, "metrics": 2, "report": 2, "spec": 3,
@@ -163,12 +164,16 @@ def _compiled_quickstart(root: Path) -> dict[str, dict]:
     from sferd.spec import load_spec
 
     spec = load_spec(ROOT / "specs/quickstart.yaml", display_path="specs/quickstart.yaml")
+    # code_kinds=set(): the quickstart holds the code fingerprint stage, for its own kinds
     files = pipeline_files(build_graph(spec, spec_path="specs/quickstart.yaml"), pipeline=spec.pipeline,
-                           root=str(root))
+                           root=str(root), code_kinds=set())
     assert spec.pipeline in ("", ".")  # the quickstart is the root pipeline
     stages = YAML(typ="safe").load(files["dvc.yaml"])["stages"]
     params = json.loads(files["params.json"])
-    return {name: {**stage, "kind": params[name]["kind"]} for name, stage in stages.items()}
+    code = params[FINGERPRINT_STAGE]["stage_code"]
+    # each stage with the source files its kind's fingerprint file covers
+    return {name: {**stage, "kind": params[name]["kind"], "code": code[params[name]["kind"]]}
+            for name, stage in stages.items() if name != FINGERPRINT_STAGE}
 
 
 @pytest.mark.parametrize(
@@ -187,11 +192,14 @@ def test_editing_code_moves_only_the_stages_that_run_it(tmp_path, edited, unaffe
     assert set(unaffected) | set(affected) <= kinds  # the quickstart has every stage kind this test is about
     for name, stage in dvc_before.items():
         if stage["kind"] in unaffected:
-            # the same dvc.yaml entry (deps, params, outs, cmd), and the edited file is not among its deps
+            # the same dvc.yaml entry (deps, params, outs, cmd), the edited file is not among its code, and its
+            # kind's fingerprint file (its code dep) keeps its content, so DVC does not re-run it
             assert dvc_after[name] == stage, name
-            assert edited not in stage["deps"], name
+            assert edited not in stage["code"], name
+            assert fingerprint_text(str(after), stage["kind"]) == fingerprint_text(str(before), stage["kind"])
             # nor does the edit move the code fingerprint a stage's checkpoints and resume state carry
             assert code_fingerprint(str(after), stage["kind"]) == code_fingerprint(str(before), stage["kind"])
         if stage["kind"] in affected:  # the control: an edit to code a stage runs does reach it
-            assert edited in stage["deps"], name
+            assert edited in stage["code"], name
+            assert fingerprint_text(str(after), stage["kind"]) != fingerprint_text(str(before), stage["kind"])
             assert code_fingerprint(str(after), stage["kind"]) != code_fingerprint(str(before), stage["kind"])
