@@ -53,6 +53,16 @@ def _weights_block(version: str, path: str, sha: str) -> str:
 # ------------------------------------------------------------------------------------------- the committed v1
 
 
+
+def _fake_digit_splits(root):
+    """Small random digit-shaped train/held-out splits where the data stage would write them."""
+    from fakes import write_split_arrays
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("heldout", 20)):
+        write_split_arrays(root / f"results/digits-data/{split}", rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8),
+                           np.arange(n) % 10)
+
 def test_committed_v1_is_the_file_the_quickstart_names():
     """The quickstart's weights are in git (not DVC, not ignored) and hash to the spec's sha256; the sidecar agrees
     and the file fits the spec. Swapping the file (or editing the spec's hash) fails here."""
@@ -111,12 +121,7 @@ def test_quickstart_graph_depends_on_the_weights_file_and_records_the_version():
 def _workspace(tmp_path: Path, monkeypatch, *, width: int = 8, record_updates: int | None = None):
     """A tiny spec with fixed weights, its compiled params.json, fake 8×8 splits; returns (params, weights path)."""
     monkeypatch.chdir(tmp_path)
-    from fakes import write_split_arrays
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 40), ("heldout", 20)):
-        write_split_arrays(tmp_path / f"results/digits-data/{split}", rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8),
-                           np.arange(n) % 10)
+    _fake_digit_splits(tmp_path)
     spec_file = tmp_path / "s.yaml"
     spec_file.write_text(_tiny_with_features(TINY_FEATURES + _weights_block("v1", ASSET, "ab" * 32)))
     params = next(s.params for s in build_graph(load_spec(spec_file), spec_path="s.yaml") if s.kind == "features")
@@ -176,12 +181,7 @@ def test_stage_refuses_weights_that_do_not_fit_the_spec(tmp_path, monkeypatch, c
 def test_without_weights_the_stage_still_trains(tmp_path, monkeypatch, capsys):
     """`weights: null` (paper specs at smoke scale): the stage trains the network itself, as before."""
     monkeypatch.chdir(tmp_path)
-    from fakes import write_split_arrays
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 40), ("heldout", 20)):
-        write_split_arrays(tmp_path / f"results/digits-data/{split}", rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8),
-                           np.arange(n) % 10)
+    _fake_digit_splits(tmp_path)
     spec_file = tmp_path / "s.yaml"
     spec_file.write_text(_tiny_with_features("features:\n  feature_dim: 16\n  width: 8\n  updates: 3\n  batch_size: 8\n"))
     stages = build_graph(load_spec(spec_file), spec_path="s.yaml")
