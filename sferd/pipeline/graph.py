@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 from sferd.metrics import keys
-from sferd.spec.models import EvaluationSpec, ExternalTeacherSpec, PDMethod, PredictorSpec, SferdPDMethod, Spec
+from sferd.spec.models import (ChainFields, EvaluationSpec, ExternalTeacherSpec, PDMethod, PredictorSpec,
+                               SferdPDMethod, Spec)
 
 RESULTS = "results"
 METRICS_DIR = f"{RESULTS}/metrics"
@@ -73,6 +74,32 @@ def _model_config(spec: Spec, *, dropout: float | None = None) -> dict[str, Any]
 def stage_prefix(spec: Spec) -> str:
     """Dataset first; a spec loaded at a scale profile gets its own names (`cifar10-smoke-teacher`)."""
     return spec.dataset.short if spec.scale is None else f"{spec.dataset.short}-{spec.scale}"
+
+
+@dataclass(frozen=True)
+class GraphContext:
+    """What a builder of a non-chain method (sferd/pipeline/graph_<kind>.py) needs from the graph built so far."""
+
+    spec: Spec
+    prefix: str  # stage_prefix(spec)
+    dataset: dict[str, Any]  # the dataset's params (without `source`)
+    data_dir: str
+    train_split: str
+    heldout_split: str
+    teacher_dir: str  # the spec's teacher (trained or imported): <dir>/model.pt
+    teacher_model: dict[str, Any]
+    student_model: dict[str, Any]
+    by_row: bool  # stage_granularity == "row": give stages a `group`
+    student_dir: Callable[[Any, int, int], str]  # (chain method, steps, seed) → its student's folder
+    add_stage: Callable[[Stage], None]
+    # add_fid(name, row, label, steps, source, deps, nfe_per_sample, seed=None, group=None): one FID stage + table row;
+    # source["kind"] picks the runner (`sferd` → fid_sferd, `model`/`heldout`/`noise` → fid, else fid_<kind>)
+    add_fid: Callable[..., None]
+
+
+def non_chain_builders() -> dict[str, Callable[[GraphContext, Any], None]]:
+    """Method kind → builder of its stages, for methods that are not progressive-distillation chains."""
+    return {}
 
 
 def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
@@ -207,6 +234,8 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
 
     known: dict[str, str] = {}  # canonical chain params → chain name
     for method in spec.methods:
+        if not isinstance(method, ChainFields):  # samplers of the teacher, CLD: built by NON_CHAIN_BUILDERS below
+            continue
         guidance = method.guidance.model_dump(mode="json") if method.guidance is not None else None
         chain = {**method.chain_params(), "start_from": chain_of.get(method.start_from) if method.start_from else None}
         key = json.dumps({"chain": chain, "guidance": guidance}, sort_keys=True)
@@ -333,7 +362,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     def add_fid(name: str, row: str, label: str, steps: int | None, source: dict[str, Any], deps: tuple[str, ...],
                 nfe_per_sample: int, seed: int | None = None, group: str | None = None) -> None:
         out_dir = stage_dir(name)
-        kind = "fid_sferd" if source["kind"] == "sferd" else "fid"
+        kind = "fid" if source["kind"] in ("model", "heldout", "noise") else f"fid_{source['kind']}"
         stages.append(
             Stage(
                 name=name,
@@ -365,6 +394,8 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
             (teacher_dir,), steps, group=f"{p}-teacher-fid",
         )
     for method in spec.methods:
+        if not isinstance(method, ChainFields):
+            continue
         for seed in spec.chain_seeds:
             for steps in ev.student_steps:
                 ckpt_dir = student_dir(method, steps, seed)
@@ -389,6 +420,15 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                     nfe = 2 * steps  # student + predictor branch (about one decoder pass) per step, upper bound
                 add_fid(f"{p}-{method.name}{seed_tag(spec, seed)}-{steps_tag(steps)}-fid", method.name, method.label,
                         steps, source, deps, nfe, seed, group=f"{p}-{method.name}{seed_tag(spec, seed)}-fid")
+    # ---- methods that are not distillation chains: each kind's own builder adds its stages and FID rows
+    ctx = GraphContext(spec=spec, prefix=p, dataset=ds, data_dir=data_dir, train_split=train_split,
+                       heldout_split=heldout_split, teacher_dir=teacher_dir, teacher_model=teacher_model,
+                       student_model=student_model, by_row=by_row, student_dir=student_dir, add_stage=stages.append,
+                       add_fid=add_fid)
+    for method in spec.methods:
+        if not isinstance(method, ChainFields):
+            non_chain_builders()[method.kind](ctx, method)
+
     for cal in ev.calibration:
         if cal == "heldout":
             add_fid(f"{p}-heldout-fid", "heldout", "Held-out data (floor)", None,

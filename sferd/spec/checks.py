@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from sferd.metrics import keys
-from sferd.spec.models import EvaluationSpec, SferdPDMethod, Spec, UNetSpec
+from sferd.spec.models import ChainFields, EvaluationSpec, SferdPDMethod, Spec, UNetSpec
 
 Problem = tuple[tuple[str | int, ...], str]
 
@@ -81,6 +81,8 @@ def _check_start_from(spec: Spec, m: int, earlier: dict[str, int]) -> list[Probl
         later = any(other.name == source for other in spec.methods)
         where = "is listed after this one; list it first" if later else f"does not exist (methods: {sorted(earlier)})"
         return [(("methods", m, "start_from"), f"method {source!r} {where}")]
+    if not isinstance(spec.methods[earlier[source]], ChainFields):
+        return [(("methods", m, "start_from"), f"method {source!r} is not a distillation chain: it has no students")]
     produced = spec.methods[earlier[source]].student_steps()
     if method.start_steps not in produced:
         return [(("methods", m, "start_steps"),
@@ -121,6 +123,9 @@ def stage_count(spec: Spec) -> int:
     ev = spec.evaluation
     per_seed = 0
     for method in spec.methods:
+        if not isinstance(method, ChainFields):  # a sampler of the teacher: its FID stages and at most one more each
+            per_seed += 2 * len(ev.student_steps)
+            continue
         per_seed += len(method.student_steps()) + len(ev.student_steps)  # halvings, FID stages
         if isinstance(method, SferdPDMethod) and method.predictor is not None:
             per_seed += 2 * len(ev.student_steps)  # predictor and prior per evaluated student
@@ -227,6 +232,8 @@ def check_spec(spec: Spec) -> list[Problem]:
                                  f"`--scale {scale}` would collide with this method's"))
         if isinstance(method, SferdPDMethod):
             problems.extend(_check_sferd(spec, m, method))
+        if not isinstance(method, ChainFields):
+            continue  # not a distillation chain: no students to check
         if method.start_from is not None:
             problems.extend(_check_start_from(spec, m, names))
         chain = set(method.student_steps())
