@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from sferd.metrics import keys
-from sferd.spec.models import (ChainFields, EvaluationSpec, ExternalTeacherSpec, PDMethod, PredictorSpec,
-                               SferdPDMethod, Spec)
+from sferd.spec.models import (CfdMethod, ChainFields, EvaluationSpec, ExternalTeacherSpec, PredictorSpec,
+                               PretrainedClassifierSpec, SferdPDMethod, Spec)
 
 RESULTS = "results"
 METRICS_DIR = f"{RESULTS}/metrics"
@@ -216,38 +216,64 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
             )
         )
 
-    # ---- distillation chains: methods whose chains are identical (same guidance, same training) share one
-    # set of stages, named after the first method that needs it (e.g. PD and "SFERD, predictor only").
+    # ---- CFD classifiers: one stage per distinct classifier block, named after the first method that needs it
+    classifier_of: dict[str, dict[str, Any]] = {}  # method name → what its CFD halvings read
+    known_classifiers: dict[str, str] = {}  # canonical classifier params → stage name
+    for method in spec.methods:
+        if not isinstance(method, CfdMethod):
+            continue
+        cls_stage = _classifier_stage(spec, method, data_dir, train_split, heldout_split)
+        key = json.dumps({k: v for k, v in cls_stage.params.items() if k != "outputs"}, sort_keys=True)
+        if key not in known_classifiers:
+            known_classifiers[key] = cls_stage.name
+            stages.append(cls_stage)
+        cls_dir = stage_dir(known_classifiers[key])
+        classifier_of[method.name] = {"dir": cls_dir, "checkpoint": f"{cls_dir}/classifier.pt",
+                                      "network": cls_stage.params["network"]}
+
+    # ---- distillation chains, deduplicated per halving: a halving is identified by its chain settings, guidance,
+    # seed, where the chain starts, and which of the halvings up to it are CFD halvings (with their settings). So
+    # methods whose chains are identical share one set of stages, named after the first method that needs it (e.g.
+    # PD and "SFERD, predictor only"), and a CFD chain shares with a PD chain of the same settings exactly its plain
+    # PD halvings before its first CFD halving (from there on the two chains' students differ).
     # Every chain, and what hangs off it, is repeated per seed of `seeds` (the teacher is trained once).
     # A chain with `start_from` begins at another chain's student (validated: an earlier method that produces
     # start_steps), so an ablation trains only its own last halvings.
-    chain_of: dict[str, str] = {}  # method name → chain name
-
-    def chain_dir(chain: str, steps: int, seed: int) -> str:
-        return stage_dir(f"{p}-{chain}{seed_tag(spec, seed)}-{steps_tag(steps)}")
+    halving_dir: dict[tuple[str, int, int], str] = {}  # (method name, student steps, seed) → its student's folder
 
     def chain_start(method, seed: int) -> tuple[str, dict[str, Any]]:
         """T at the chain start: the spec's teacher, or the student this chain branches from."""
         if method.start_from is None:
             return teacher_dir, teacher_model
-        return chain_dir(chain_of[method.start_from], method.start_steps, seed), student_model
+        return halving_dir[(method.start_from, method.start_steps, seed)], student_model
 
-    known: dict[str, str] = {}  # canonical chain params → chain name
+    known: dict[str, str] = {}  # canonical halving identity → stage name
     for method in spec.methods:
         if not isinstance(method, ChainFields):  # samplers of the teacher, CLD: built by NON_CHAIN_BUILDERS below
             continue
         guidance = method.guidance.model_dump(mode="json") if method.guidance is not None else None
-        chain = {**method.chain_params(), "start_from": chain_of.get(method.start_from) if method.start_from else None}
-        key = json.dumps({"chain": chain, "guidance": guidance}, sort_keys=True)
-        if key not in known:
-            known[key] = method.name
-            for seed in spec.chain_seeds:
-                chain_stages = _chain(spec, method, guidance, chain_start(method, seed), student_model, train_split, seed)
-                stages.extend(grouped(chain_stages, f"{p}-{method.name}{seed_tag(spec, seed)}-chain"))
-        chain_of[method.name] = known[key]
+        cfd_steps = set(method.cfd_student_steps) if isinstance(method, CfdMethod) else set()
+        for seed in spec.chain_seeds:
+            start = chain_start(method, seed)
+            prev_dir, prev_model = start
+            prev_is_teacher = method.start_from is None
+            history: list[dict[str, Any] | None] = []
+            chain_stages: list[Stage] = []
+            for steps in method.student_steps():
+                cfd = _cfd_block(method, classifier_of[method.name]) if steps in cfd_steps else None
+                history.append(cfd)
+                key = json.dumps({"chain": method.chain_params(), "guidance": guidance, "seed": seed,
+                                  "start": start[0], "cfd": history}, sort_keys=True)
+                if key not in known:
+                    known[key] = f"{p}-{method.name}{seed_tag(spec, seed)}-{steps_tag(steps)}"
+                    chain_stages.append(_halving(spec, method, guidance, (prev_dir, prev_model), prev_is_teacher,
+                                                 student_model, train_split, seed, steps, known[key], cfd))
+                halving_dir[(method.name, steps, seed)] = prev_dir = stage_dir(known[key])
+                prev_model, prev_is_teacher = student_model, False
+            stages.extend(grouped(chain_stages, f"{p}-{method.name}{seed_tag(spec, seed)}-chain"))
 
     def student_dir(method, steps: int, seed: int) -> str:
-        return chain_dir(chain_of[method.name], steps, seed)
+        return halving_dir[(method.name, steps, seed)]
 
     def teacher_of(method, steps: int, seed: int) -> tuple[str, dict[str, Any]]:
         """T_2K: the chain's previous student, or the chain's first teacher at its start."""
@@ -358,9 +384,16 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     if extra:  # absent at the default, so specs without extra metrics keep their params (and DVC cache)
         fid_common["extra_metrics"] = extra
     fid_rows: list[dict[str, Any]] = []
+    fid_of: dict[str, dict[str, Any]] = {}  # FID stage identity → its table row
 
     def add_fid(name: str, row: str, label: str, steps: int | None, source: dict[str, Any], deps: tuple[str, ...],
                 nfe_per_sample: int, seed: int | None = None, group: str | None = None) -> None:
+        # the same samples twice (a CFD chain's 8-step student is its PD chain's): one FID stage, two table rows
+        same = json.dumps({"source": source, "steps": steps, "seed": seed}, sort_keys=True)
+        if same in fid_of:
+            first = fid_of[same]
+            fid_rows.append({**first, "row": row, "label": label})
+            return
         out_dir = stage_dir(name)
         kind = "fid" if source["kind"] in ("model", "heldout", "noise") else f"fid_{source['kind']}"
         stages.append(
@@ -385,6 +418,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
         )
         fid_rows.append({"row": row, "label": label, "steps": steps, "seed": seed, "metrics": metrics_path(name),
                          "samples": f"{out_dir}/samples.npz", "name": name})
+        fid_of[same] = fid_rows[-1]
 
     for steps in ev.teacher_steps:
         add_fid(
@@ -462,7 +496,8 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
                 "outputs": {"markdown": md, "plot": png, "plot_data": csv, "grids": grids, **paired},
             },
             # metrics for the table, the FID stages' folders for the sample grids
-            deps=tuple(r["metrics"] for r in fid_rows) + tuple(stage_dir(r["name"]) for r in fid_rows),
+            deps=tuple(dict.fromkeys(r["metrics"] for r in fid_rows)) + tuple(dict.fromkeys(stage_dir(r["name"])
+                                                                                       for r in fid_rows)),
             outs=(),
             uncached_outs=(md, png, grids, *paired.values()),
             plots=((csv, {"cache": False, "x": "steps", "y": "fid", "template": "scatter",
@@ -473,7 +508,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     return [with_training_log(s) for s in stages]
 
 
-TRAINING_KINDS = frozenset({"features", "teacher", "distill", "predictor", "prior"})
+TRAINING_KINDS = frozenset({"features", "teacher", "distill", "predictor", "prior", "classifier"})
 
 
 def training_log_path(name: str) -> str:
@@ -524,66 +559,111 @@ def seed_tag(spec: Spec, seed: int) -> str:
     return "" if seed == spec.seed else f"-seed{seed:04d}"
 
 
-def _chain(
+def _cfd_block(method: CfdMethod, classifier: dict[str, Any]) -> dict[str, Any]:
+    """What a CFD halving's stage reads beyond a PD halving's: the classifier and the loss settings."""
+    return {"classifier": {"checkpoint": classifier["checkpoint"], "network": classifier["network"]},
+            **method.cfd_params()}
+
+
+def _classifier_stage(spec: Spec, method: CfdMethod, data_dir: str, train_split: str, heldout_split: str) -> Stage:
+    """CFD's frozen classifier: trained on the training split, or verified from a local pretrained file."""
+    p = stage_prefix(spec)
+    name = f"{p}-{method.name}-classifier"
+    d = stage_dir(name)
+    ds = spec.dataset
+    c = method.classifier
+    if isinstance(c, PretrainedClassifierSpec):
+        network = {"architecture": c.base, "channels": ds.channels, "resolution": ds.resolution,
+                   "num_classes": c.num_classes, "pretrained": True, "input_resolution": c.input_resolution}
+        mode: dict[str, Any] = {"weights": {"path": c.path, "sha256": c.sha256}}
+        deps: tuple[str, ...] = (data_dir, c.path)
+        cost = {"forward_passes": 0.0}
+    else:
+        network = {"architecture": c.architecture, "channels": ds.channels, "resolution": ds.resolution,
+                   "num_classes": ds.num_classes, "pretrained": False}
+        if c.architecture == "digits-cnn":
+            network.update(width=c.width or 32, feature_dim=c.feature_dim or 64)
+        mode = {"seed": c.seed, "precision": spec.precision,
+                "training": c.model_dump(mode="json", exclude={"architecture", "seed", "width", "feature_dim"})}
+        deps = (data_dir,)
+        cost = {"forward_passes": 3.0 * c.updates * c.batch_size}
+    return Stage(
+        name=name,
+        kind="classifier",
+        params={"kind": "classifier", "dataset": spec.dataset.model_dump(mode="json", exclude={"source"}),
+                "num_classes": ds.num_classes, "network": network, **mode,
+                "inputs": {"train": train_split, "heldout": heldout_split},
+                "outputs": {"dir": d, "metrics": metrics_path(name)}},
+        deps=deps,
+        outs=(d,),
+        metrics=(metrics_path(name),),
+        cost=cost,
+    )
+
+
+def _halving(
     spec: Spec,
-    method: PDMethod | SferdPDMethod,
+    method: ChainFields,
     guidance: dict[str, Any] | None,
-    start: tuple[str, dict[str, Any]],
+    prev: tuple[str, dict[str, Any]],
+    prev_is_teacher: bool,
     student_model: dict[str, Any],
     train_split: str,
     seed: int,
-) -> list[Stage]:
-    """The halvings of one chain from `start` (checkpoint folder and network of its first teacher)."""
+    steps: int,
+    name: str,
+    cfd: dict[str, Any] | None,
+) -> Stage:
+    """One halving from `prev` (checkpoint folder and network of its teacher) to a `steps`-step student."""
     p = stage_prefix(spec)
     t = spec.teacher
-    out: list[Stage] = []
-    prev_dir, prev_model = start
-    prev_is_teacher = method.start_from is None
+    prev_dir, prev_model = prev
     teacher_passes = 2 if guidance is None else 4  # guidance: a second pass per teacher evaluation
-    for steps in method.student_steps():
-        name = f"{p}-{method.name}{seed_tag(spec, seed)}-{steps_tag(steps)}"
-        d = stage_dir(name)
-        updates = method.updates_for(steps)
-        out.append(
-            Stage(
-                name=name,
-                kind="distill",
-                params={
-                    "kind": "distill",
-                    "seed": seed,
-                    "precision": spec.precision,
-                    "dataset": spec.dataset.model_dump(mode="json", exclude={"source"}),
-                    "student_steps": steps,
-                    "teacher": {
-                        "checkpoint": f"{prev_dir}/model.pt",
-                        "model": prev_model,
-                        # the first halving distils the teacher's EMA weights; later ones the previous student
-                        "is_original_teacher": prev_is_teacher,
-                    },
-                    # SFERD: every teacher of the chain (original and students) is attention-guided (§6)
-                    "guidance": guidance,
-                    "model": student_model,
-                    "parameterization": t.parameterization,
-                    "loss_weighting": t.loss_weighting,
-                    "training": {
-                        "updates": updates,
-                        "batch_size": method.batch_size,
-                        "lr": method.lr,
-                        "grad_clip_norm": method.grad_clip_norm,
-                        "checkpoint_every_updates": method.checkpoint_every_updates,
-                    },
-                    "inputs": {"train": train_split},
-                    "outputs": {"dir": d, "metrics": metrics_path(name)},
-                },
-                deps=(stage_dir(f"{p}-data"), prev_dir),
-                outs=(d,),
-                metrics=(metrics_path(name),),
-                # teacher forwards + 1 student forward/backward (≈ 3 forwards) per example
-                cost={"forward_passes": float((teacher_passes + 3) * updates * method.batch_size)},
-            )
-        )
-        prev_dir, prev_model, prev_is_teacher = d, student_model, False
-    return out
+    d = stage_dir(name)
+    updates = method.updates_for(steps)
+    return Stage(
+        name=name,
+        kind="distill",
+        params={
+            "kind": "distill",
+            "seed": seed,
+            "precision": spec.precision,
+            "dataset": spec.dataset.model_dump(mode="json", exclude={"source"}),
+            "student_steps": steps,
+            "teacher": {
+                "checkpoint": f"{prev_dir}/model.pt",
+                "model": prev_model,
+                # the first halving distils the teacher's EMA weights; later ones the previous student
+                "is_original_teacher": prev_is_teacher,
+            },
+            # SFERD: every teacher of the chain (original and students) is attention-guided (§6)
+            "guidance": guidance,
+            "model": student_model,
+            "parameterization": t.parameterization,
+            "loss_weighting": t.loss_weighting,
+            "training": {
+                "updates": updates,
+                "batch_size": method.batch_size,
+                "lr": method.lr,
+                "grad_clip_norm": method.grad_clip_norm,
+                "checkpoint_every_updates": method.checkpoint_every_updates,
+            },
+            # CFD halvings only (sferd/methods/cfd.py): PD and SFERD halvings keep their params as they were
+            **({"cfd": cfd} if cfd is not None else {}),
+            "inputs": {"train": train_split},
+            "outputs": {"dir": d, "metrics": metrics_path(name)},
+        },
+        deps=(stage_dir(f"{p}-data"), prev_dir, *((stage_dir_of(cfd["classifier"]["checkpoint"]),) if cfd else ())),
+        outs=(d,),
+        metrics=(metrics_path(name),),
+        # teacher forwards + 1 student forward/backward (≈ 3 forwards) per example (CFD: + the classifier's passes)
+        cost={"forward_passes": float((teacher_passes + 3) * updates * method.batch_size)},
+    )
+
+
+def stage_dir_of(path: str) -> str:
+    """The stage folder holding a file of it (`results/<stage>/classifier.pt` → `results/<stage>`)."""
+    return path.rsplit("/", 1)[0]
 
 
 BUNDLE_KIND = "bundle"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 
 from sferd.metrics import keys
-from sferd.spec.models import ChainFields, EvaluationSpec, SferdPDMethod, Spec, UNetSpec
+from sferd.spec.models import (CIFAR_ARCHITECTURES, CfdMethod, ChainFields, EvaluationSpec, PretrainedClassifierSpec,
+                               SferdPDMethod, Spec, UNetSpec)
 
 Problem = tuple[tuple[str | int, ...], str]
 
@@ -69,6 +70,38 @@ def _check_sferd(spec: Spec, m: int, method: SferdPDMethod) -> list[Problem]:
                 problems.append((("methods", m, "predictor", "encoder_channels", k),
                                  f"{c} channels: must be a multiple of {ENCODER_NORM_GROUPS} (the encoder uses GroupNorm({ENCODER_NORM_GROUPS}), PDAE)"))
     return problems
+
+
+DIGITS_CNN_CLASSES = 10  # sferd.nn.digits_cnn.NUM_CLASSES (validation imports no torch)
+
+
+def _check_cfd(spec: Spec, m: int, method: CfdMethod) -> list[Problem]:
+    """The classifier must take the dataset's images and, for the coverage term, name its classes."""
+    ds = spec.dataset
+    c = method.classifier
+    where = ("methods", m, "classifier", "architecture")
+    shape = f"{ds.id} ({ds.channels} channel{'s' if ds.channels > 1 else ''}, {ds.resolution}×{ds.resolution}, " \
+            f"{ds.num_classes} classes)"
+    if isinstance(c, PretrainedClassifierSpec):
+        problems: list[Problem] = []
+        if ds.channels != 3:
+            problems.append((where, f"an ImageNet-pretrained {c.base} takes RGB images; {shape} does not match"))
+        if c.input_resolution < ds.resolution:
+            problems.append((("methods", m, "classifier", "input_resolution"),
+                             f"{c.input_resolution} is below the images' {ds.resolution}×{ds.resolution}: they are "
+                             "upsampled to it, never shrunk"))
+        if method.beta > 0 and c.num_classes != ds.num_classes:
+            problems.append((("methods", m, "classifier", "num_classes"),
+                             f"the dataset term measures coverage of the dataset's classes, but the classifier has "
+                             f"{c.num_classes} and {shape} does not match; set beta: 0 or use a classifier trained on "
+                             "the dataset"))
+        return problems
+    if c.architecture in CIFAR_ARCHITECTURES and (ds.channels != 3 or ds.resolution != 32):
+        return [(where, f"{c.architecture} follows the CIFAR recipe (stem adapted to 32×32 RGB input); {shape} does "
+                        "not match: use digits-cnn")]
+    if c.architecture == "digits-cnn" and ds.num_classes != DIGITS_CNN_CLASSES:
+        return [(where, f"digits-cnn is a {DIGITS_CNN_CLASSES}-class classifier; {shape} does not match")]
+    return []
 
 
 def _check_start_from(spec: Spec, m: int, earlier: dict[str, int]) -> list[Problem]:
@@ -130,6 +163,7 @@ def stage_count(spec: Spec) -> int:
         if isinstance(method, SferdPDMethod) and method.predictor is not None:
             per_seed += 2 * len(ev.student_steps)  # predictor and prior per evaluated student
     fixed = 4 + len(ev.teacher_steps) + len(ev.calibration)  # data, features, teacher, reference stats, render
+    fixed += sum(isinstance(method, CfdMethod) for method in spec.methods)  # a classifier stage each (at most)
     return fixed + len(spec.chain_seeds) * per_seed
 
 
@@ -232,6 +266,8 @@ def check_spec(spec: Spec) -> list[Problem]:
                                  f"`--scale {scale}` would collide with this method's"))
         if isinstance(method, SferdPDMethod):
             problems.extend(_check_sferd(spec, m, method))
+        if isinstance(method, CfdMethod):
+            problems.extend(_check_cfd(spec, m, method))
         if not isinstance(method, ChainFields):
             continue  # not a distillation chain: no students to check
         if method.start_from is not None:

@@ -527,6 +527,161 @@ class SferdPDMethod(ChainFields):
         return self
 
 
+# --------------------------------------------------------------------------------------------------- CFD
+
+ClassifierArchitecture = Literal["digits-cnn", "resnet18", "densenet201"]
+PretrainedBase = Literal["resnet18", "densenet201"]
+# Architectures whose CIFAR recipe adapts the stem to 32×32 RGB input (sferd/nn/classifiers.py).
+CIFAR_ARCHITECTURES = ("resnet18", "densenet201")
+
+
+class TrainedClassifierSpec(Model):
+    """A classifier trained from scratch by a `classifier` stage on the spec's training split (CFD's frozen C).
+
+    RCFD's CIFAR-10 recipe (baselines.md §4): 300 epochs, SGD lr 0.1 ÷10 at 50 % and 75 %, weight decay 5e-4. Its
+    batch size and momentum are not recovered (the paper specs say which values they use)."""
+
+    architecture: ClassifierArchitecture = Field(
+        description="`digits-cnn` (the quickstart's small CNN, any power-of-two resolution, 10 classes), `resnet18` "
+        "or `densenet201` (torchvision's constructors with the stem adapted to 32×32 RGB; GroupNorm for BatchNorm, "
+        "so training does not depend on how a batch is split).")
+    seed: int = Field(ge=0, lt=SEED_LIMIT, description="Seed of the classifier's training draws (its own: not the FID "
+                      "feature network's, so CFD never optimises the features FID measures).")
+    updates: int = Field(gt=0, le=MAX_UPDATES, description="Optimiser updates (RCFD: 300 epochs).")
+    batch_size: int = Field(gt=0, le=MAX_BATCH, description="Images per update (RCFD: not recovered).")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="SGD with momentum (RCFD) or Adam.")
+    lr: float = Field(gt=0.0, le=10.0, description="Peak learning rate (RCFD: 0.1).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (RCFD: not recovered; 0.9 is the common "
+                            "CIFAR value). Unused by Adam.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="L2 weight decay (RCFD: 5e-4).")
+    lr_milestones: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
+        default_factory=list, max_length=8,
+        description="Fractions of `updates` at which the lr is multiplied by `lr_decay` (RCFD: [0.5, 0.75]).")
+    lr_decay: float = Field(0.1, gt=0.0, le=1.0, description="Factor at each milestone (RCFD: 0.1, i.e. ÷10).")
+    checkpoint_every_updates: int = Field(1000, gt=0, le=MAX_UPDATES, description="Resumable state interval.")
+    random_crop_padding: int = Field(0, ge=0, le=16, description="Random-crop augmentation: pad by this many pixels "
+                                     "(reflect) and crop back (the usual CIFAR recipe: 4; digits: 0). Flips follow "
+                                     "`dataset.random_flip`.")
+    width: int | None = Field(None, ge=8, le=MAX_CHANNELS, description="digits-cnn only: conv channels (null: 32).")
+    feature_dim: int | None = Field(None, ge=8, le=MAX_CHANNELS,
+                                    description="digits-cnn only: width of the pooled feature f (null: 64).")
+
+    @field_validator("lr_milestones")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("milestones must increase")
+        return v
+
+    @field_validator("width", "feature_dim")
+    @classmethod
+    def _digits_only(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("architecture") not in (None, "digits-cnn"):
+            raise ValueError(f"only digits-cnn has a `{info.field_name}` (torchvision's {info.data['architecture']} "
+                             "is fixed)")
+        return v
+
+
+class PretrainedClassifierSpec(Model):
+    """A classifier from a local weights file (offline machines: nothing is downloaded): torchvision's ImageNet
+    weights of resnet18 / densenet201, checked by SHA-256. Images are upsampled to `input_resolution` and
+    normalised with ImageNet's mean and std (CFD: "upsampled to 224 for ImageNet-pretrained classifiers")."""
+
+    architecture: Literal["pretrained"] = Field(description="`pretrained`: weights from a local file.")
+    base: PretrainedBase = Field(description="torchvision constructor the file's state_dict belongs to.")
+    path: str = Field(min_length=1, max_length=1024, description="The weights file (repo-relative or absolute), e.g. "
+                      "torchvision's resnet18-f37072fd.pth; fetched by hand on a connected machine.")
+    sha256: str = Field(description="SHA-256 of the file (64 lowercase hex digits).")
+    num_classes: int = Field(1000, ge=2, le=100_000, description="Classes of the file's head (ImageNet: 1000).")
+    input_resolution: int = Field(224, ge=8, le=1024, description="Images are upsampled (bilinear) to this size.")
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str) -> str:
+        return _check_sha256(v)
+
+
+def _classifier_kind(v: Any) -> str:
+    arch = v.get("architecture") if isinstance(v, dict) else getattr(v, "architecture", None)
+    return "pretrained" if arch == "pretrained" else "train"
+
+
+Classifier = Annotated[
+    Union[Annotated[TrainedClassifierSpec, Tag("train")], Annotated[PretrainedClassifierSpec, Tag("pretrained")]],
+    Discriminator(_classifier_kind),
+]
+
+
+class CfdMethod(ChainFields):
+    """CFD, classifier-based feature distillation (Sun et al., ICME 2023; baselines.md §4): a PD chain whose
+    halvings listed in `cfd_student_steps` replace PD's pixel loss by the classifier loss of sferd/methods/cfd.py
+    (no pixel MSE beside it in those halvings, as in the paper); the halvings before them are plain PD halvings
+    (and are shared with a PD method of identical chain settings)."""
+
+    kind: Literal["cfd"] = Field(description="Method discriminator.")
+    cfd_student_steps: list[Annotated[int, Field(ge=1, le=MAX_STEPS)]] = Field(
+        min_length=1, max_length=MAX_LIST,
+        description="Student step counts of the halvings trained with the CFD loss (RCFD: [4, 2, 1], the halvings "
+        "8 → 4 down to 1); every other halving is plain PD.")
+    temperature: float = Field(gt=0.0, le=100.0, description="τ: the teacher's feature distribution is "
+                               "softmax(f_T/τ); τ < 1 sharpens it (RCFD: 0.95 ResNet-18, 0.9 DenseNet-201).")
+    beta: float = Field(ge=0.0, le=1e3, description="β, weight of the dataset-oriented term (RCFD's code flag "
+                        "`--alpha`; RCFD: 0.003 ResNet-18, 0 DenseNet-201). 0: feature term only.")
+    gamma: float | None = Field(None, ge=0.0, le=1.0, description="γ, mix of the dataset term: γ·(mean per-sample "
+                                "entropy) + (1 − γ)·(batch class coverage Σ p̄ log p̄) (RCFD's code flag `--beta`; "
+                                "RCFD: 0.75 ResNet-18). Required when beta > 0.")
+    coverage_group_size: int | None = Field(
+        None, gt=0, le=MAX_BATCH,
+        description="Samples over which the class-coverage term's mean distribution p̄ is taken: consecutive groups "
+        "of the global batch (null: the whole batch). Each process and micro-batch must hold whole groups, so the "
+        "result does not depend on how the batch is split (RCFD: the per-GPU batch).")
+    classifier: Classifier = Field(description="The frozen classifier C (its own stage, shared by identical blocks).")
+
+    @field_validator("cfd_student_steps")
+    @classmethod
+    def _in_chain(cls, v: list[int], info: ValidationInfo) -> list[int]:
+        chain = self_chain(info.data.get("start_steps"), info.data.get("end_steps", 1))
+        if len(set(v)) != len(v):
+            raise ValueError("step counts repeat")
+        for steps in v:
+            if chain and steps not in chain:
+                raise ValueError(f"no halving produces a {steps}-step student (chain: {chain})")
+        return v
+
+    @field_validator("gamma")
+    @classmethod
+    def _gamma_with_beta(cls, v: float | None, info: ValidationInfo) -> float | None:
+        beta = info.data.get("beta")
+        if beta is not None and beta > 0 and v is None:
+            raise ValueError("beta > 0 needs gamma (the entropy/coverage mix of the dataset term)")
+        if beta == 0 and v is not None:
+            raise ValueError("gamma is unused with beta = 0: remove it")
+        return v
+
+    @field_validator("coverage_group_size")
+    @classmethod
+    def _group_divides(cls, v: int | None, info: ValidationInfo) -> int | None:
+        batch = info.data.get("batch_size")
+        if v is not None and info.data.get("beta") == 0:
+            raise ValueError("coverage_group_size is unused with beta = 0: remove it")
+        if v is not None and batch is not None and batch % v:
+            raise ValueError(f"coverage groups of {v} must divide the batch of {batch}")
+        return v
+
+    @property
+    def guidance(self) -> None:
+        return None
+
+    @property
+    def predictor(self) -> None:
+        return None
+
+    def cfd_params(self) -> dict[str, Any]:
+        """The loss settings a CFD halving's stage carries (beside the classifier it reads)."""
+        return {"temperature": self.temperature, "beta": self.beta, "gamma": self.gamma,
+                "coverage_group_size": self.coverage_group_size}
+
+
 def self_chain(start: int | None, end: int | None) -> list[int]:
     if not start or not end or not _is_power_of_two(start) or not _is_power_of_two(end):
         return []
@@ -538,7 +693,7 @@ def self_chain(start: int | None, end: int | None) -> list[int]:
 
 
 # Later methods (cfd, dode, …) join this union; the discriminator keeps errors precise.
-Method = Annotated[Union[PDMethod, SferdPDMethod], Field(discriminator="kind")]
+Method = Annotated[Union[PDMethod, SferdPDMethod, CfdMethod], Field(discriminator="kind")]
 
 
 # --------------------------------------------------------------------------------------------- evaluation
