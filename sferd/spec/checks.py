@@ -77,6 +77,16 @@ DIGITS_CNN_CLASSES = 10  # sferd.nn.digits_cnn.NUM_CLASSES (validation imports n
 
 def _check_cfd(spec: Spec, m: int, method: CfdMethod) -> list[Problem]:
     """The classifier must take the dataset's images and, for the coverage term, name its classes."""
+    chain = method.student_steps()
+    halvings: list[Problem] = [(("methods", m, "cfd_student_steps", k),
+                                f"no halving produces a {steps}-step student (chain: {chain})")
+                               for k, steps in enumerate(method.cfd_student_steps) if steps not in chain]
+    if method.beta > 0 and method.gamma is None:
+        halvings.append((("methods", m, "beta"), "beta > 0 needs gamma (the entropy/coverage mix of the dataset term)"))
+    return halvings + _check_classifier(spec, m, method)
+
+
+def _check_classifier(spec: Spec, m: int, method: CfdMethod) -> list[Problem]:
     ds = spec.dataset
     c = method.classifier
     where = ("methods", m, "classifier", "architecture")
