@@ -577,7 +577,7 @@ def _classifier_stage(spec: Spec, method: CfdMethod, data_dir: str, train_split:
                    "num_classes": c.num_classes, "pretrained": True, "input_resolution": c.input_resolution}
         mode: dict[str, Any] = {"weights": {"path": c.path, "sha256": c.sha256}}
         deps: tuple[str, ...] = (data_dir, c.path)
-        cost = {"forward_passes": 0.0}
+        cost: dict[str, float] = {}
     else:
         network = {"architecture": c.architecture, "channels": ds.channels, "resolution": ds.resolution,
                    "num_classes": ds.num_classes, "pretrained": False}
@@ -586,7 +586,8 @@ def _classifier_stage(spec: Spec, method: CfdMethod, data_dir: str, train_split:
         mode = {"seed": c.seed, "precision": spec.precision,
                 "training": c.model_dump(mode="json", exclude={"architecture", "seed", "width", "feature_dim"})}
         deps = (data_dir,)
-        cost = {"forward_passes": 3.0 * c.updates * c.batch_size}
+        # classifier passes, not U-Net passes: `plan` prices forward_passes at the teacher U-Net's FLOPs
+        cost = {"classifier_passes": 3.0 * c.updates * c.batch_size}
     return Stage(
         name=name,
         kind="classifier",
@@ -656,8 +657,10 @@ def _halving(
         deps=(stage_dir(f"{p}-data"), prev_dir, *((stage_dir_of(cfd["classifier"]["checkpoint"]),) if cfd else ())),
         outs=(d,),
         metrics=(metrics_path(name),),
-        # teacher forwards + 1 student forward/backward (≈ 3 forwards) per example (CFD: + the classifier's passes)
-        cost={"forward_passes": float((teacher_passes + 3) * updates * method.batch_size)},
+        # teacher forwards + 1 student forward/backward (≈ 3 forwards) per example; CFD: + two classifier forwards
+        # and a backward to the input (≈ 4 classifier passes), counted apart (a classifier is not a U-Net)
+        cost={"forward_passes": float((teacher_passes + 3) * updates * method.batch_size),
+              **({"classifier_passes": float(4 * updates * method.batch_size)} if cfd is not None else {})},
     )
 
 
