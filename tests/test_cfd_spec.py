@@ -230,3 +230,9 @@ def test_a_misspelt_classifier_field_is_located(tmp_path):
     errs = _errors(path)
     assert any((l, c) == _pos(path, "lrr") and "Extra inputs are not permitted" in m for l, c, m in errs), errs
     assert any("methods.1.classifier.lr: Field required" in m for _, _, m in errs), errs
+
+
+def test_a_cfd_method_is_named_cfd_by_default(tmp_path):
+    text = _method("x").replace("    name: x\n    label: CFD x\n", "")
+    spec = load_spec(_spec(tmp_path, PD + text))
+    assert (spec.methods[1].name, spec.methods[1].label) == ("cfd", "CFD")

@@ -619,6 +619,8 @@ class CfdMethod(ChainFields):
     (and are shared with a PD method of identical chain settings)."""
 
     kind: Literal["cfd"] = Field(description="Method discriminator.")
+    name: str = Field("cfd", description="Row id in tables and stage names ([a-z0-9-]).")
+    label: str = Field("CFD", min_length=1, max_length=80, description="Row label in rendered tables.")
     cfd_student_steps: list[Annotated[int, Field(ge=1, le=MAX_STEPS)]] = Field(
         min_length=1, max_length=MAX_LIST,
         description="Student step counts of the halvings trained with the CFD loss (RCFD: [4, 2, 1], the halvings "
