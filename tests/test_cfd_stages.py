@@ -22,6 +22,13 @@ NETWORK = {"architecture": "digits-cnn", "channels": 1, "resolution": 8, "num_cl
 
 
 def _workspace(tmp_path: Path, monkeypatch) -> dict:
+    params = cfd_workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return params
+
+
+def cfd_workspace(tmp_path: Path) -> dict:
+    """Digit-shaped splits and params.json with a teacher, a classifier, a PD and a CFD halving (tiny)."""
     from fakes import write_split_arrays
     from stage_fixtures import stages
 
@@ -46,7 +53,6 @@ def _workspace(tmp_path: Path, monkeypatch) -> dict:
                   "temperature": 0.9, "beta": 0.1, "gamma": 0.5, "coverage_group_size": 5}
     cfd["outputs"] = {"dir": "results/x-cfd-s0002", "metrics": "results/metrics/x-cfd-s0002.json"}
     params["x-cfd-s0002"] = cfd
-    monkeypatch.chdir(tmp_path)
     (tmp_path / "params.json").write_text(json.dumps(params))
     return params
 
