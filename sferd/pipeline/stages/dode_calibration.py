@@ -75,8 +75,13 @@ def _chunk_gather(proc: Launch, positions: list[int], n_chunks: int):
     return gather
 
 
-def calibrate(params: dict, proc: Launch) -> dict:
-    """The λ record (every rank gets the same) and the measured trajectory errors."""
+def load_teacher(params: dict, proc: Launch):
+    t = params["teacher"]
+    return load_model(t["checkpoint"], t["model"]).to(proc.device)
+
+
+def calibrate(params: dict, proc: Launch, net) -> dict:
+    """The λ record (every rank gets the same) and the measured trajectory errors, for the teacher network `net`."""
     import torch
 
     from sferd.diffusion import dode
@@ -88,7 +93,6 @@ def calibrate(params: dict, proc: Launch) -> dict:
                          "recompile with `sferd-spec compile`")
     t = params["teacher"]
     device = proc.device
-    net = load_model(t["checkpoint"], t["model"]).to(device)
     denoise = NetworkDenoiser(net, t["parameterization"])
     base, teacher = _base(params["sampler"], clip), _base(params["teacher_solver"], clip)
 
@@ -143,7 +147,7 @@ def calibrate(params: dict, proc: Launch) -> dict:
 def run(name: str, params: dict) -> None:
     proc = launch()
     with process_group(proc):
-        result = calibrate(params, proc)
+        result = calibrate(params, proc, load_teacher(params, proc))
     if not proc.is_writer:
         return
     cal = result["calibration"]
