@@ -11,14 +11,13 @@ file that does not fit its FID stage stops it before sampling.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from test_shard import MODEL, TORCHRUN, _checkpoint, _env, _stage_inputs
+from test_shard import MODEL, _checkpoint, _launcher, _stage_inputs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -79,16 +78,17 @@ def test_calibration_stage_fits_the_library_lambdas_on_its_own_batch(tmp_path, m
 
 
 def test_calibration_lambdas_are_identical_for_1_and_2_processes(tmp_path, monkeypatch):
-    """3 chunks of 7 calibration images over 2 ranks (2 + 1 chunks): the λ file and metrics of torchrun's run
+    """3 chunks of 7 calibration images over 2 ranks (1 + 2 chunks): the λ file and metrics of the 2-process run
     equal the 1-process run's, bit for bit (machine record aside)."""
     from sferd.pipeline.run import main
 
     monkeypatch.chdir(tmp_path)
     _workspace(tmp_path, {s: _calibration(s, steps=3, base={"base": "gddim", "order": 1}) for s in ("one", "two")})
     assert main(["one"]) == 0
-    r = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "sferd.pipeline.run", "two"],
-                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    # the stage's DVC command, the launcher, set to 2 processes: it starts torchrun (gloo) for a shardable kind
+    r = _launcher(tmp_path, "two", SFERD_NPROC_PER_NODE="2")
     assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("two: λ =") == 1, r.stdout  # rank 0 alone wrote and reported
     a, b = _lambdas(tmp_path, "one"), _lambdas(tmp_path, "two")
     assert a.pop("stage") == "one" and b.pop("stage") == "two"
     assert a == b and a["numerators"] != [0.0] * 3

@@ -190,7 +190,8 @@ def stage_count(spec: Spec) -> int:
     per_seed = 0
     for method in spec.methods:
         if not isinstance(method, ChainFields):  # a sampler of the teacher: its FID stages and at most one more each
-            per_seed += 2 * len(method.steps or ev.student_steps) if isinstance(method, SolverMethod) else 2 * len(ev.student_steps)
+            rows = solver_steps(spec, method) if isinstance(method, SolverMethod) else ev.student_steps
+            per_seed += 2 * len(rows)
             continue
         per_seed += len(method.student_steps()) + len(ev.student_steps)  # halvings, FID stages
         if isinstance(method, SferdPDMethod) and method.predictor is not None:
