@@ -392,9 +392,10 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
 
     def add_fid(name: str, row: str, label: str, steps: int | None, source: dict[str, Any], deps: tuple[str, ...],
                 nfe_per_sample: int, seed: int | None = None, group: str | None = None) -> None:
-        # the same samples twice (a CFD chain's 8-step student is its PD chain's): one FID stage, two table rows
+        # the same student checkpoint twice (a CFD chain's 8-step student is its PD chain's): one FID stage, two
+        # table rows. Only for plain model sources: a solver row asking for the same fit keeps its own FID stages.
         same = json.dumps({"source": source, "steps": steps, "seed": seed}, sort_keys=True)
-        if same in fid_of:
+        if source["kind"] == "model" and same in fid_of:
             first = fid_of[same]
             fid_rows.append({**first, "row": row, "label": label})
             return
