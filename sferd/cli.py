@@ -225,8 +225,13 @@ def _homes(specs, *, strict: bool = True) -> list[tuple[str, object]]:
 def _stage_field(spec, stage) -> tuple:
     """The spec field a stage's name comes from, to locate a clash: its method, else its block."""
     for m, method in enumerate(spec.methods):
-        if f"-{method.name}-" in f"{stage.name}-" and stage.kind in ("distill", "predictor", "prior", "fid", "fid_sferd"):
+        if f"-{method.name}-" in f"{stage.name}-" and stage.kind in ("distill", "predictor", "prior", "fid", "fid_sferd",
+                                                                                  "fid_cld"):
             return ("methods", m, "name")
+    if stage.kind == "cld_teacher":  # named after the teacher block of the first CLD row that uses it
+        for m, method in enumerate(spec.methods):
+            if getattr(method, "kind", None) == "cld" and stage.name.endswith(f"-{method.teacher.name}-teacher"):
+                return ("methods", m, "teacher", "name")
     return {"data": ("dataset",), "features": ("features",), "teacher": ("teacher",), "teacher_import": ("teacher",),
             "render": ("table", "id")}.get(stage.kind, ("name",))
 

@@ -95,11 +95,15 @@ class GraphContext:
     # add_fid(name, row, label, steps, source, deps, nfe_per_sample, seed=None, group=None): one FID stage + table row;
     # source["kind"] picks the runner (`sferd` → fid_sferd, `model`/`heldout`/`noise` → fid, else fid_<kind>)
     add_fid: Callable[..., None]
+    # builders' state across the methods of one spec (e.g. the CLD teachers already added, so rows share one)
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
 def non_chain_builders() -> dict[str, Callable[[GraphContext, Any], None]]:
     """Method kind → builder of its stages, for methods that are not progressive-distillation chains."""
-    return {}
+    from sferd.pipeline.graph_cld import build_cld  # its own module; imported here, as it imports this one
+
+    return {"cld": build_cld}
 
 
 def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
@@ -473,7 +477,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     return [with_training_log(s) for s in stages]
 
 
-TRAINING_KINDS = frozenset({"features", "teacher", "distill", "predictor", "prior"})
+TRAINING_KINDS = frozenset({"features", "teacher", "distill", "predictor", "prior", "cld_teacher"})
 
 
 def training_log_path(name: str) -> str:

@@ -32,7 +32,8 @@ def load_params(params_file: str, stage: str) -> dict:
 
 # Stage kinds that run data-parallel under torchrun (the training engine, sharded FID sampling). The others are
 # short single-process jobs; under torchrun every rank would run them whole and race on their outputs.
-SHARDABLE = frozenset({"teacher", "distill", "predictor", "prior", "features", "fid", "fid_sferd"})
+SHARDABLE = frozenset({"teacher", "distill", "predictor", "prior", "features", "fid", "fid_sferd", "cld_teacher",
+                       "fid_cld"})
 
 
 def refuse_unshardable(kind: str | None) -> None:

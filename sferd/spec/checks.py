@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from sferd.metrics import keys
-from sferd.spec.models import ChainFields, EvaluationSpec, SferdPDMethod, Spec, UNetSpec
+from sferd.spec.models import ChainFields, CLDMethod, EvaluationSpec, SferdPDMethod, Spec, UNetSpec
 
 Problem = tuple[tuple[str | int, ...], str]
 
@@ -68,6 +68,40 @@ def _check_sferd(spec: Spec, m: int, method: SferdPDMethod) -> list[Problem]:
             if c % ENCODER_NORM_GROUPS:
                 problems.append((("methods", m, "predictor", "encoder_channels", k),
                                  f"{c} channels: must be a multiple of {ENCODER_NORM_GROUPS} (the encoder uses GroupNorm({ENCODER_NORM_GROUPS}), PDAE)"))
+    return problems
+
+
+def _check_cld(spec: Spec, m: int, method: CLDMethod, teachers: dict[str, int]) -> list[Problem]:
+    """A CLD row: its U-Net fits the data, its gDDIM order is reached at every evaluated NFE, and a teacher name
+    shared with an earlier row means the same teacher."""
+    problems: list[Problem] = []
+    res = spec.dataset.resolution
+    model = method.teacher.model
+    where = ("methods", m, "teacher", "model")
+    if res % 2 ** (len(model.channel_mult) - 1):
+        problems.append(((*where, "channel_mult"), f"{len(model.channel_mult)} levels need the resolution ({res}) "
+                         f"divisible by {2 ** (len(model.channel_mult) - 1)}"))
+    levels = model.resolutions(res)
+    for k, r in enumerate(model.attention_resolutions):
+        if r not in levels:
+            problems.append(((*where, "attention_resolutions", k),
+                             f"the U-Net has no {r}×{r} level at {res}×{res} input (levels: {levels})"))
+    if model.class_conditional and spec.dataset.num_classes < 2:
+        problems.append(((*where, "class_conditional"), f"{spec.dataset.id} has no class labels"))
+    order = getattr(method.sampler, "order", None)
+    if order is not None:
+        for k, nfe in enumerate(spec.evaluation.student_steps):
+            if order > nfe - 1:
+                problems.append((("methods", m, "sampler", "order"),
+                                 f"gDDIM order {order} extrapolates through {order + 1} earlier ε's, but at "
+                                 f"{nfe} NFE (evaluation.student_steps.{k}) only {nfe} steps are taken: the order "
+                                 f"is at most {nfe - 1} there"))
+                break
+    first = teachers.setdefault(method.teacher.name, m)
+    if first != m and spec.methods[first].teacher.stage_params() != method.teacher.stage_params():
+        problems.append((("methods", m, "teacher"),
+                         f"CLD teacher {method.teacher.name!r} is defined by methods.{first} with other settings: "
+                         "rows sharing a teacher name share its stage (use a YAML anchor), or give it another name"))
     return problems
 
 
@@ -222,6 +256,7 @@ def check_spec(spec: Spec) -> list[Problem]:
         problems.append((("evaluation", "feature_extractor"), "Inception features are meaningless on 1-channel digits; use digits-cnn"))
 
     names: dict[str, int] = {}
+    cld_teachers: dict[str, int] = {}  # CLD teacher name → the first method that defines it
     for m, method in enumerate(spec.methods):
         if method.name in names:
             problems.append((("methods", m, "name"), f"method name {method.name!r} already used by methods.{names[method.name]}"))
@@ -232,6 +267,8 @@ def check_spec(spec: Spec) -> list[Problem]:
                                  f"`--scale {scale}` would collide with this method's"))
         if isinstance(method, SferdPDMethod):
             problems.extend(_check_sferd(spec, m, method))
+        if isinstance(method, CLDMethod):
+            problems.extend(_check_cld(spec, m, method, cld_teachers))
         if not isinstance(method, ChainFields):
             continue  # not a distillation chain: no students to check
         if method.start_from is not None:
