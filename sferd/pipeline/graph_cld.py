@@ -50,8 +50,8 @@ def build_cld(ctx: GraphContext, method: CLDMethod) -> None:
             deps=(ctx.data_dir,),
             outs=(out_dir,),
             metrics=(metrics_path(name),),
-            # forward + backward ≈ 3 passes of the 2C-channel U-Net per image (not the VP teacher's network)
-            cost={"cld_forward_passes": 3.0 * t.updates * t.batch_size},
+            # forward + backward ≈ 3 passes per image, of the CLD U-Net (`plan` prices passes at the VP teacher's FLOPs)
+            cost={"forward_passes": 3.0 * t.updates * t.batch_size},
         ))
     sampler = method.sampler.model_dump(mode="json")
     for nfe in ctx.spec.evaluation.student_steps:
