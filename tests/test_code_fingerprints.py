@@ -162,7 +162,7 @@ def test_compile_check_reports_a_new_import_even_inside_the_union(tmp_path):
     stage's deps stay the same) still makes `compile --check` fail: params.json records each kind's file set."""
     shutil.copytree(ROOT / "sferd", tmp_path / "sferd", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "specs", tmp_path / "specs")
-    for rel in ("dvc.yaml", "params.json"):
+    for rel in ("dvc.yaml", "params.json", "params.sha256.json"):
         shutil.copy(ROOT / rel, tmp_path / rel)
     shutil.copytree(ROOT / "stages", tmp_path / "stages")
 

@@ -59,10 +59,11 @@ def test_stage_graph_is_closed_and_well_named():
         assert NAME.match(name), name
         if name == FINGERPRINT_STAGE:
             assert shlex.split(st["cmd"])[:5] == ["python", "-m", "sferd.pipeline.fingerprints", "--out", "results/code"]
-            assert st["params"] == [{"params.json": [name]}] and order[0] == name  # first: every stage needs it
+            assert st["params"] == [{"params.sha256.json": [name]}] and order[0] == name  # first: every stage needs it
         else:
             assert shlex.split(st["cmd"]) == ["python", "-m", "sferd.pipeline.launch", "--params", "params.json", name]
-            assert st["params"] == [{"params.json": [name]}]  # each stage reads only its own section
+            # DVC tracks each stage's own digest (its params.json section, hashed: dvcfile.py)
+            assert st["params"] == [{"params.sha256.json": [name]}]
         for out in st.get("outs", []) + st.get("metrics", []):
             path = out if isinstance(out, str) else next(iter(out))
             assert path not in produced, f"{path} declared by {produced.get(path)} and {name}"
@@ -200,7 +201,7 @@ def test_ablation_pipeline_shares_the_quickstart_stages(tmp_path, monkeypatch):
         for out in st.get("outs", []) + st.get("metrics", []):
             produced[out if isinstance(out, str) else next(iter(out))] = name
     for name, st in abl.items():
-        assert st["wdir"] == "../.." and st["params"] == [{"stages/quickstart-ablation/params.json": [name]}]
+        assert st["wdir"] == "../.." and st["params"] == [{"stages/quickstart-ablation/params.sha256.json": [name]}]
         for dep in st["deps"]:
             assert dep in produced, f"{name}: nothing produces {dep}"  # code too: the root's fingerprint files
     render = json.loads((tmp_path / "stages/quickstart-ablation/params.json").read_text())["quickstart-ablation-render"]
@@ -258,3 +259,44 @@ def test_code_fingerprint_follows_the_stage_code_only(tmp_path):
     p = tmp_path / "sferd/methods/teacher.py"
     p.write_text(p.read_text() + "\n# a change to the training code\n")
     assert code_fingerprint(root, "teacher") != before
+
+
+def test_digest_file_holds_the_hash_of_each_stage_section():
+    """params.sha256.json: one entry per stage, the SHA-256 of that stage's params in canonical JSON, computed here
+    with hashlib from the section itself; a change of any value changes only that stage's digest."""
+    import hashlib
+
+    _, _, files = _compile("specs/quickstart.yaml")
+    params, digests = json.loads(files["params.json"]), json.loads(files["params.sha256.json"])
+    assert set(digests) == set(params)
+    for name, section in params.items():
+        canonical = json.dumps(section, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        assert digests[name] == hashlib.sha256(canonical.encode()).hexdigest(), name
+    committed = json.loads((ROOT / "params.sha256.json").read_text(encoding="utf-8"))
+    assert {k: v for k, v in committed.items() if k != FINGERPRINT_STAGE} == {
+        k: v for k, v in digests.items() if k != FINGERPRINT_STAGE}
+
+
+def test_runner_refuses_params_its_digest_does_not_describe(tmp_path, monkeypatch, capsys):
+    """DVC decides by the digest: a hand-edited params.json must not run under the old digest (DVC would record
+    results of one config as another's)."""
+    from sferd.pipeline.run import main
+    from sferd.util.params_digest import params_digest
+
+    monkeypatch.chdir(tmp_path)
+    section = {"kind": "nothing-that-exists", "x": 1}
+    (tmp_path / "params.json").write_text(json.dumps({"s": {**section, "x": 2}}))
+    (tmp_path / "params.sha256.json").write_text(json.dumps({"s": params_digest(section)}))
+    assert main(["--params", "params.json", "s"]) == 1
+    err = capsys.readouterr().err
+    assert "disagree about stage 's'" in err and "sferd-spec compile" in err
+    (tmp_path / "params.sha256.json").write_text("{not json")
+    assert main(["--params", "params.json", "s"]) == 1
+    assert "is not valid JSON" in capsys.readouterr().err
+    # the digest of what is there: the check passes and the runner goes on to the (unknown) kind
+    (tmp_path / "params.sha256.json").write_text(json.dumps({"s": params_digest({**section, "x": 2})}))
+    try:
+        main(["--params", "params.json", "s"])
+    except ModuleNotFoundError as e:
+        assert "nothing-that-exists" in str(e)
+    assert "disagree" not in capsys.readouterr().err

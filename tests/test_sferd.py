@@ -310,3 +310,27 @@ def test_trained_well_conditioned_predictor_lowers_the_held_out_one_step_loss(fo
         opt.step()
     after = held_out()
     assert after < 0.8 * before, (before, after)
+
+
+def test_shifted_student_is_a_denoiser_of_the_sampler_family():
+    """The shifted student plugs into any sampler of the family as a denoiser bound to z; on its own K-step grid
+    it walks the grid, its x̂₀ and ε̂ describe x_t, and off that grid it refuses (the shift is a per-step rule)."""
+    from sferd.diffusion.samplers import make_sampler
+    from sferd.methods.sferd import ShiftedStudent
+
+    student = _student()
+    pred = _perturbed_predictor(student)
+    noise, z = _noise()
+    kwargs = dict(predictor=pred, student=student, parameterization="x", z=z, cutoff_fraction=0.3,
+                  shift_parameterization="v_direct")
+    den = ShiftedStudent(**kwargs, num_steps=4)
+    steps_seen = []
+    make_sampler("ddim", clip=True)(den, noise, 4, callback=lambda i, t, x: steps_seen.append(t))
+    assert steps_seen == [0.75, 0.5, 0.25, 0.0]
+    # x̂₀ and ε̂ are consistent: x_t = α x̂₀ + σ ε̂ on a shifted step
+    t = torch.full((noise.shape[0],), 1.0)
+    x0, eps = den(noise, t, None)
+    a, s = alpha_sigma(logsnr(t))
+    assert torch.allclose(a.view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * eps, noise, atol=1e-5)
+    with pytest.raises(ValueError, match="4-step grid"):
+        den(noise, torch.full((noise.shape[0],), 0.6), None)

@@ -46,8 +46,8 @@ import torch
 
 from sferd.diffusion.denoiser import Denoiser
 from sferd.diffusion.losses import weighted_x_mse
-from sferd.diffusion.parameterization import clip_x0, to_x0_eps
-from sferd.diffusion.sampler import ddim_step
+from sferd.diffusion.parameterization import to_x0_eps
+from sferd.diffusion.samplers import make_sampler
 from sferd.diffusion.schedule import alpha_sigma, broadcast, logsnr, time_input
 from sferd.methods.draws import Draws
 from sferd.methods.pd import pd_target, sample_training_point
@@ -141,6 +141,36 @@ def predictor_loss(
     return weighted_x_mse(x0_shifted, target, logsnr(t), weighting)
 
 
+class ShiftedStudent:
+    """SFERD's student as a denoiser of the sampler family (sferd.diffusion.samplers), bound to one code z:
+    (x_t, t, y) → (x̂₀, ε̂) with x̂₀ = x̂₀^θ + c_t·G while the shift is active on its K-step grid, the student alone
+    after. Whether the shift is on depends on the step, so this denoiser is defined on the grid t = k/K only."""
+
+    def __init__(self, *, predictor, student: torch.nn.Module, parameterization: str, z: torch.Tensor, num_steps: int,
+                 cutoff_fraction: float, shift_parameterization: str):
+        self.predictor, self.student, self.parameterization = predictor, student, parameterization
+        self.z, self.num_steps, self.cutoff_fraction = z, num_steps, cutoff_fraction
+        self.shift_parameterization = check_shift_parameterization(shift_parameterization)
+
+    def _step(self, t: torch.Tensor) -> int:
+        value = float(t.reshape(-1)[0])
+        step = round(value * self.num_steps)
+        if not torch.all(t == t.reshape(-1)[0]) or step / self.num_steps != value:
+            raise ValueError(f"SFERD's shifted student samples on its {self.num_steps}-step grid t = k/{self.num_steps}, "
+                             f"not at t = {value}")
+        return step
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None):
+        lam = logsnr(t)
+        alpha, sigma = alpha_sigma(lam)
+        a, s = broadcast(alpha, x_t), broadcast(sigma, x_t)
+        if shift_active(self._step(t), self.num_steps, self.cutoff_fraction):
+            x0, _ = shifted_x0(self.predictor, self.parameterization, x_t, t, y, self.z,
+                               shift_parameterization=self.shift_parameterization)
+            return x0, (x_t - a * x0) / s
+        return to_x0_eps(self.parameterization, self.student(x_t, time_input(lam), y), x_t, a, s)
+
+
 @torch.no_grad()
 def sample_sferd(
     *,
@@ -154,22 +184,9 @@ def sample_sferd(
     shift_parameterization: str,
     y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """K student DDIM steps with the shift while it is active; x̂₀ clipped at every step; returns the last x̂₀."""
-    check_shift_parameterization(shift_parameterization)
-    x = noise
-    b = noise.shape[0]
-    for step in range(num_steps, 0, -1):
-        t = torch.full((b,), step / num_steps, dtype=noise.dtype, device=noise.device)
-        lam = logsnr(t)
-        alpha, sigma = alpha_sigma(lam)
-        a, s = broadcast(alpha, x), broadcast(sigma, x)
-        if shift_active(step, num_steps, cutoff_fraction):
-            x0, _ = shifted_x0(predictor, parameterization, x, t, y, z,
-                               shift_parameterization=shift_parameterization)
-        else:
-            x0, _ = to_x0_eps(parameterization, student(x, time_input(lam), y), x, a, s)
-        x0, _ = clip_x0(x0, x, a, s)
-        if step == 1:
-            return x0
-        x = ddim_step(x, x0, t, torch.full((b,), (step - 1) / num_steps, dtype=noise.dtype, device=noise.device))
-    raise AssertionError("unreachable")
+    """K DDIM steps of the shifted student (`ShiftedStudent`), x̂₀ clipped at every step; returns the last x̂₀.
+    The sampler is the family's `ddim`, the one every other row of a table uses."""
+    denoiser = ShiftedStudent(predictor=predictor, student=student, parameterization=parameterization, z=z,
+                              num_steps=num_steps, cutoff_fraction=cutoff_fraction,
+                              shift_parameterization=shift_parameterization)
+    return make_sampler("ddim", clip=True)(denoiser, noise, num_steps, y=y)

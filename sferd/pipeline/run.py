@@ -27,7 +27,30 @@ def load_params(params_file: str, stage: str) -> dict:
         raise StageError(f"{params_file} is not valid JSON ({e}); regenerate it with `sferd-spec compile`") from None
     if stage not in doc:
         raise StageError(f"stage {stage!r} has no section in {params_file}; recompile with `sferd-spec compile`")
+    _check_digest(path, stage, doc[stage])
     return doc[stage]
+
+
+DIGEST_FILE = "params.sha256.json"  # sferd.pipeline.dvcfile.DIGEST_FILE: the file DVC tracks
+
+
+def _check_digest(params_path: Path, stage: str, params: dict) -> None:
+    """DVC decides whether a stage is up to date by the digest file beside params.json, not by params.json itself
+    (sferd/pipeline/dvcfile.py): a stage must not run params that digest does not describe, or DVC would record
+    results of one config under the digest of another. A params file without a digest file beside it (a stage run
+    by hand or by a test, outside any compiled pipeline) has nothing to disagree with."""
+    from sferd.util.params_digest import params_digest
+
+    digest_path = params_path.with_name(DIGEST_FILE)
+    if not digest_path.is_file():
+        return
+    try:
+        digests = json.loads(digest_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise StageError(f"{digest_path} is not valid JSON ({e}); regenerate it with `sferd-spec compile`") from None
+    if not isinstance(digests, dict) or digests.get(stage) != params_digest(params):
+        raise StageError(f"{params_path} and {digest_path} disagree about stage {stage!r} (edited by hand?); "
+                         "regenerate both with `sferd-spec compile`")
 
 
 # Stage kinds that run data-parallel under torchrun (the training engine, sharded FID sampling). The others are

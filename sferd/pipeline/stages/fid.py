@@ -88,7 +88,8 @@ def _sample_shard(params: dict, seeds: np.ndarray, label: str, make_sampler, pro
     import torch
 
     from sferd.diffusion.denoiser import NetworkDenoiser
-    from sferd.diffusion.sampler import ddim_sample, per_sample_noise, to_uint8
+    from sferd.diffusion.sampler import per_sample_noise, to_uint8
+    from sferd.diffusion.samplers import make_sampler as family_sampler
     from sferd.util.progress import Progress
 
     src = params["source"]
@@ -102,9 +103,10 @@ def _sample_shard(params: dict, seeds: np.ndarray, label: str, make_sampler, pro
         sample = make_sampler(src, net, params["steps"])
     else:
         denoiser = NetworkDenoiser(net, src["parameterization"])
+        ddim = family_sampler("ddim", clip=True)  # x̂₀ clipped at every step (PD's eval_clip_denoised)
 
         def sample(noise, seeds, y):
-            return ddim_sample(denoiser, noise, params["steps"], y=y, clip=True)
+            return ddim(denoiser, noise, params["steps"], y=y)
     shape = (model_cfg["in_channels"], model_cfg["resolution"], model_cfg["resolution"])
     num_classes = model_cfg.get("num_classes")
     batches = shard_slices(len(seeds), params["sample_batch_size"], proc.rank, proc.world_size)
