@@ -106,7 +106,7 @@ def main() -> None:
         draws = SampleDraws(0, 1, range(step["cld"] * batch, (step["cld"] + 1) * batch))
         step["cld"] += 1
         cld_opt.zero_grad(set_to_none=True)
-        cld_teacher_loss(cld_net, process, x0, draws).mean().backward()
+        cld_teacher_loss(cld_net, process, x0, draws, mixed=True).mean().backward()
         cld_opt.step()
 
     vp_net.train(), cld_net.train()
@@ -118,7 +118,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     noise_vp, noise_cld = torch.randn(sample_batch, ch, res, res, generator=g), torch.randn(sample_batch, 2 * ch, res, res, generator=g)
     ddim, gddim = make_sampler("ddim"), make_sampler("gddim_cld", process=process, order=min(2, steps - 1))
-    euler, eps = make_sampler("euler_cld", process=process), EpsModel(cld_net)
+    euler, eps = make_sampler("euler_cld", process=process), EpsModel(cld_net, process=process, mixed=True)
     with torch.no_grad():
         s = median_times({"ddim": lambda: ddim(NetworkDenoiser(vp_net, "eps"), noise_vp, steps),
                           "gddim_cld": lambda: gddim(eps, to_state(noise_cld), steps),

@@ -219,7 +219,15 @@ def test_cld_training_loss_equals_an_independent_formula():
     x0 = torch.randn(5, 2, 3, 3, generator=torch.Generator().manual_seed(1))
     y = torch.arange(5.0)
     net = Net()
-    got = cld_teacher_loss(net, proc, x0, GeneratorDraws(torch.Generator().manual_seed(9), 5), y=y)
+    for mixed in (False, True):
+        got = cld_teacher_loss(net, proc, x0, GeneratorDraws(torch.Generator().manual_seed(9), 5), y=y, mixed=mixed)
+        np.testing.assert_allclose(got.detach().numpy(), _reference_loss(net, x0, y, sigma, r_sol, mixed), rtol=1e-5)
+        assert got.shape == (5,) and got.requires_grad  # per-sample, differentiable in the network
+
+
+def _reference_loss(net, x0, y, sigma, r_sol, mixed):
+    """The loss of the test above, written from the formulas; with `mixed`, ε̂ = R_tᵀ S_t⁻¹ u + net with
+    S_t = Σ_t + e^{Ft} diag(1, 0) e^{Ftᵀ} (the covariance of u_t for N(0, I) data)."""
 
     g = torch.Generator().manual_seed(9)  # the same draws: t first, then ε on both halves
     t = T_MIN + (1 - T_MIN) * torch.rand(5, generator=g).double()
@@ -231,7 +239,34 @@ def test_cld_training_loss_equals_an_independent_formula():
         r = r_sol.sol(tb).reshape(2, 2)
         u = (torch.from_numpy(m).reshape(2, 1, 1, 1) * x0[b].double()
              + torch.einsum("ij,j...->i...", torch.from_numpy(r), eps[b].double())).float()
-        pred = net(u.reshape(1, 4, 3, 3), t[b:b + 1].float(), y[b:b + 1])
-        want.append(float(((pred.detach().reshape(2, 2, 3, 3) - eps[b]) ** 2).mean()))
-    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-5)
-    assert got.shape == (5,) and got.requires_grad  # per-sample, differentiable in the network
+        pred = net(u.reshape(1, 4, 3, 3), t[b:b + 1].float(), y[b:b + 1]).detach().reshape(2, 2, 3, 3)
+        if mixed:
+            e = expm(F * tb)
+            a = r.T @ np.linalg.inv(sigma(tb) + e @ np.diag([1.0, 0.0]) @ e.T)
+            pred = pred + torch.einsum("ij,j...->i...", torch.from_numpy(a).float(), u)
+        want.append(float(((pred - eps[b]) ** 2).mean()))
+    return want
+
+
+def test_mixed_part_is_the_exact_eps_of_unit_gaussian_data(cld):
+    """A_t u = E[ε | u] for data N(0, I): checked against GaussianCLD (moments from the SDE's moment ODE)."""
+    from sferd.methods.cld_teacher import EpsModel, mixed_matrices
+
+    model = GaussianCLD(cld, 0.0, 1.0)
+    u = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for tv in (T_MIN, 0.05, 0.5, 1.0):
+        t = torch.full((4,), tv, dtype=torch.float64)
+        a = torch.from_numpy(mixed_matrices(cld, t))
+        np.testing.assert_allclose(torch.einsum("bij,bj...->bi...", a, u).numpy(), model(u, t).numpy(),
+                                   rtol=1e-7, atol=1e-9)
+
+    class Zero(torch.nn.Module):  # a network whose output is 0: the mixed model is then the Gaussian one
+        def forward(self, x, t, y=None):
+            return torch.zeros_like(x)
+
+    u5 = torch.randn(3, 2, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t = torch.tensor([0.2, 0.2, 0.7], dtype=torch.float64)
+    got = EpsModel(Zero(), process=cld, mixed=True)(u5, t)
+    want = torch.stack([model(u5[b].reshape(1, 2, 4), t[b:b + 1]).reshape(2, 1, 2, 2) for b in range(3)])
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-7, atol=1e-9)
+    assert torch.equal(EpsModel(Zero())(u5, t), torch.zeros_like(u5))

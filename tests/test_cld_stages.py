@@ -39,6 +39,7 @@ def test_five_rows_share_one_cld_teacher_stage():
     assert t.deps == ("results/digits-data",) and t.outs == ("results/digits-cld-teacher",)
     assert t.params["model"]["in_channels"] == t.params["model"]["out_channels"] == 2  # (x, v) of 1-channel digits
     assert t.params["process"] == {"m_inv": 4.0, "beta": 4.0, "gamma": 0.04, "t_min": 1e-3}
+    assert t.params["mixed_score"] is True  # CLD's mixed score, the default
     assert t.params["training"] == {"updates": 12, "batch_size": 16, "lr": 1e-3, "warmup_updates": 2,
                                     "ema_decay": 0.9, "grad_clip_norm": 1.0, "checkpoint_every_updates": 5}
     assert t.params["outputs"]["train_log"] == "results/metrics/digits-cld-teacher-train.tsv"  # a training kind
@@ -50,6 +51,7 @@ def test_five_rows_share_one_cld_teacher_stage():
         src = st.params["source"]
         assert src["checkpoint"] == "results/digits-cld-teacher/model.pt" and src["model"] == t.params["model"]
         assert src["process"] == t.params["process"] and st.params["steps"] == st.cost["forward_passes"] / 64
+        assert src["mixed_score"] is True
     assert stages["digits-cld-q3-s0004-fid"].params["source"]["sampler"] == {"kind": "gddim", "order": 3}
     assert stages["digits-cld-euler-s0008-fid"].params["source"]["sampler"] == {"kind": "euler"}
     # the VP teacher of the base spec stays in the graph, but no CLD row reads it
@@ -200,6 +202,7 @@ def test_fid_cld_samples_and_measures(ws, row):
     m = json.loads((d / f"results/metrics/{name}.json").read_text())
     assert np.isfinite(m["fid"]) and m["fid"] > 0 and m["nfe"] == 4 and m["steps"] == 4
     assert m["sampler"] == params[name]["source"]["sampler"] and m["cld_process"]["m_inv"] == 4.0
+    assert m["mixed_score"] is True
     assert m["num_samples"] == 64 and m["seeds"] == "0-63" and m["row"] == row
     with np.load(d / f"results/{name}/samples.npz") as z:
         assert z["images"].shape == (64, 8, 8, 1) and z["images"].dtype == np.uint8
@@ -235,4 +238,9 @@ def test_fid_cld_refuses_a_vp_checkpoint_and_other_constants_before_sampling(ws)
     other["outputs"] = {"dir": "results/other-beta", "metrics": "results/metrics/other-beta.json"}
     with pytest.raises(StageError, match="CLD constants"):
         _run_in(d, "other-beta", other)
+    unmixed = json.loads(json.dumps(params["digits-cld-q0-s0004-fid"]))
+    unmixed["source"]["mixed_score"] = False
+    unmixed["outputs"] = {"dir": "results/unmixed", "metrics": "results/metrics/unmixed.json"}
+    with pytest.raises(StageError, match="mixed_score"):
+        _run_in(d, "unmixed", unmixed)
     assert not (d / "results/metrics/vp-as-cld.json").exists() and not (d / "results/metrics/other-beta.json").exists()

@@ -43,7 +43,8 @@ def build_cld(ctx: GraphContext, method: CLDMethod) -> None:
                 "dataset": ctx.dataset,
                 "model": model,
                 "process": process,
-                "training": t.model_dump(mode="json", exclude={"kind", "name", "model", "process"}),
+                "mixed_score": t.mixed_score,
+                "training": t.model_dump(mode="json", exclude={"kind", "name", "model", "process", "mixed_score"}),
                 "inputs": {"train": ctx.train_split},
                 "outputs": {"dir": out_dir, "metrics": metrics_path(name)},
             },
@@ -56,6 +57,6 @@ def build_cld(ctx: GraphContext, method: CLDMethod) -> None:
     sampler = method.sampler.model_dump(mode="json")
     for nfe in ctx.spec.evaluation.student_steps:
         source = {"kind": "cld", "checkpoint": f"{out_dir}/model.pt", "model": model, "process": process,
-                  "sampler": sampler}
+                  "mixed_score": t.mixed_score, "sampler": sampler}
         ctx.add_fid(f"{ctx.prefix}-{method.name}-{steps_tag(nfe)}-fid", method.name, method.label, nfe, source,
                     (out_dir,), nfe, group=f"{ctx.prefix}-{method.name}-fid")

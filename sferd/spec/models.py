@@ -583,6 +583,12 @@ class CLDTeacherSpec(Model):
         "deviation every spec using it must state."
     )
     process: CLDProcessSpec = Field(default_factory=CLDProcessSpec, description="The CLD constants.")
+    mixed_score: bool = Field(
+        True,
+        description="CLD's mixed score (Dockhorn et al., ICLR 2022, §3.2): the network's output is added to the exact "
+        "ε of N(0, I) data, so it learns the residual; without it, short-trained models make the marginally stable "
+        "backward flow diverge (sferd/methods/cld_teacher.py).",
+    )
     updates: int = Field(gt=0, le=MAX_UPDATES, description="Optimiser updates (gDDIM CIFAR-10: about 1M).")
     batch_size: int = Field(gt=0, le=MAX_BATCH, description="Images per update (gDDIM CIFAR-10: 128).")
     lr: float = Field(gt=0.0, le=1.0, description="Adam learning rate after warm-up (gDDIM CIFAR-10: 2e-4).")

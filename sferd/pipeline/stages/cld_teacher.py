@@ -32,7 +32,7 @@ def run(name: str, params: dict) -> None:
                 self.net = net
 
             def forward(self, batch):
-                return cld_teacher_loss(net, process, batch.x0, batch.draws, y=batch.y)
+                return cld_teacher_loss(net, process, batch.x0, batch.draws, y=batch.y, mixed=params["mixed_score"])
 
         summary = s.train(
             module=Loss(), trainable=net, optimizer=opt, ema=ema,

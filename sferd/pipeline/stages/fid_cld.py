@@ -21,6 +21,9 @@ def _checked_process(src: dict):
     if cfg.get("kind") != "cld_teacher":
         raise StageError(f"{src['checkpoint']} was written by a {cfg.get('kind')!r} stage, not a CLD teacher "
                          "(`cld_teacher`): a CLD sampler needs an ε-model of the (x, v) state")
+    if cfg.get("mixed_score") != src["mixed_score"]:
+        raise StageError(f"{src['checkpoint']} was trained with mixed_score {cfg.get('mixed_score')}, but this stage "
+                         f"samples with {src['mixed_score']}: re-run the teacher stage")
     if cfg.get("process") != src["process"]:
         raise StageError(f"{src['checkpoint']} was trained with CLD constants {cfg.get('process')}, but this stage "
                          f"samples {src['process']}: re-run the teacher stage")
@@ -36,7 +39,7 @@ def make_sampler(src: dict, net, num_steps: int):
     smp = src["sampler"]
     sampler = (named("gddim_cld", process=process, order=smp["order"]) if smp["kind"] == "gddim"
                else named("euler_cld", process=process))
-    model = EpsModel(net)
+    model = EpsModel(net, process=process, mixed=src["mixed_score"])
 
     def sample(noise, seeds, y):
         return sampler(model, to_state(noise), num_steps, y=y)
@@ -46,7 +49,7 @@ def make_sampler(src: dict, net, num_steps: int):
 
 def extra_metrics(params: dict) -> dict:
     src = params["source"]
-    return {"sampler": src["sampler"], "cld_process": src["process"]}
+    return {"sampler": src["sampler"], "cld_process": src["process"], "mixed_score": src["mixed_score"]}
 
 
 def run(name: str, params: dict) -> None:
