@@ -15,7 +15,7 @@ quantity leaves no conversion between training and sampling. Both halves of ε a
 ½ G Gᵀ R_t⁻ᵀ ε̂ reads the v-row of R_t⁻ᵀ, which weighs both halves (at t = 10⁻³: −19 ε_x + 5 ε_v), whereas CLD's own
 "hybrid score matching" regresses only the v-half of the noise of another square root of Σ_t (the Cholesky factor).
 
-What makes it hard at small t (bench/cld_cost.py's notes): there Σ_t is nearly singular in x, the
+What makes it hard at small t: there Σ_t is nearly singular in x, the
 x-row of R_t⁻¹ reaches ~10³, and ε_x is a high-gain function of u_t (the network must infer the displacement
 u_x − x₀ at the scale of √Σ_xx ≈ 0.002 at t = 10⁻³). This is CLD's intrinsic difficulty, not this loss's.
 
