@@ -222,11 +222,15 @@ def _homes(specs, *, strict: bool = True) -> list[tuple[str, object]]:
     return out
 
 
+# stage kinds whose names start with a method's name (a clash is located at that method)
+METHOD_STAGE_KINDS = ("distill", "predictor", "prior", "fid", "fid_sferd", "fid_solver", "dode_calibration",
+                      "fid_cld")
+
+
 def _stage_field(spec, stage) -> tuple:
     """The spec field a stage's name comes from, to locate a clash: its method, else its block."""
     for m, method in enumerate(spec.methods):
-        if f"-{method.name}-" in f"{stage.name}-" and stage.kind in ("distill", "predictor", "prior", "fid", "fid_sferd",
-                                                                                  "fid_cld"):
+        if f"-{method.name}-" in f"{stage.name}-" and stage.kind in METHOD_STAGE_KINDS:
             return ("methods", m, "name")
     if stage.kind == "cld_teacher":  # named after the teacher block of the first CLD row that uses it
         for m, method in enumerate(spec.methods):

@@ -30,3 +30,19 @@ def test_samplers_cost_runs_tiny():
     # the same network evaluations: no sampler may cost a multiple of DDIM (loose, the cores are shared)
     ratios = [float(v) for v in re.findall(r"([\d.]+)× DDIM", out)]
     assert ratios[0] == 1.0 and max(ratios) < 3.0, out
+
+
+def test_dode_calibration_bench_runs_tiny():
+    """bench/dode_calibration.py --tiny: the machine line, and per step count the stage's calibration time, the DDIM
+    pass it is compared with (same run), their ratio and the network evaluations B·(K·N + 3N)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "bench/dode_calibration.py", "--tiny"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert re.search(rf"^machine: torch {re.escape(torch.__version__)}, CPU .+, 1 thread, 1 process, fp32$", out,
+                     flags=re.M), out
+    assert "TINY configuration" in out and "K = 2, calibration batch 4" in out, out
+    for steps, evals in ((1, 4 * (2 + 3)), (2, 4 * (4 + 6))):
+        m = re.search(rf"^ +{steps} +([\d.]+) +([\d.]+) +([\d.]+)× +{evals}$", out, flags=re.M)
+        assert m and all(float(v) > 0 for v in m.groups()), (steps, out)

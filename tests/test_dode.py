@@ -147,3 +147,47 @@ def test_lambdas_do_not_depend_on_the_split_of_the_batch():
 def test_sampler_checks_lambda_count():
     with pytest.raises(ValueError, match="3 fitted"):
         DODESampler(lambdas=[0.1, 0.2, 0.3])(gaussian_denoiser, noise64(2), 4)
+
+
+def test_gathered_chunk_sums_give_the_one_process_lambdas_bit_for_bit():
+    """`gather`: each "process" (thread) holds whole chunks of the one-process chunk list; the per-chunk sums put back
+    in chunk order and summed from zero reproduce the 1-process fit exactly (not only to rounding), float32 network."""
+    base, x1 = GDDIMBase(order=1, clip=True), noise64(30, seed=5).float()
+    net = TinyNet()
+    chunks = [slice(0, 8), slice(8, 16), slice(16, 24), slice(24, 30)]
+    targets = teacher_targets(base, net, x1, 4, factor=2, chunks=chunks)
+    whole = fit_lambdas(base, net, x1, 4, targets, chunks=chunks)
+    owned = {0: [0, 1, 2], 1: [3]}  # uneven shares of whole chunks
+    barrier, box, results = threading.Barrier(2), [None, None], [None, None]
+
+    def gather_for(rank):
+        def gather(rows):
+            box[rank] = rows.clone()
+            barrier.wait()
+            table = torch.zeros((len(chunks), rows.shape[1]), dtype=torch.float64)
+            for r in (0, 1):
+                for k, pos in enumerate(owned[r]):
+                    table[pos] = box[r][k]
+            barrier.wait()
+            return table
+        return gather
+
+    def run(rank):
+        idx = torch.cat([torch.arange(chunks[p].start, chunks[p].stop) for p in owned[rank]])
+        local, at = [], 0
+        for p in owned[rank]:
+            n = chunks[p].stop - chunks[p].start
+            local.append(slice(at, at + n))
+            at += n
+        results[rank] = fit_lambdas(base, net, x1[idx], 4, [tg[idx] for tg in targets], chunks=local,
+                                    gather=gather_for(rank))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert results[0].lambdas == results[1].lambdas == whole.lambdas
+    assert results[0].numerators == whole.numerators and results[0].denominators == whole.denominators
+    with pytest.raises(ValueError, match="not both"):
+        fit_lambdas(base, net, x1, 4, targets, reduce=lambda s: s, gather=lambda r: r)

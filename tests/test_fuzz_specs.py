@@ -211,7 +211,8 @@ def _check(case) -> None:
 
             pipeline = load_spec(rel).pipeline
             folder = "" if pipeline == "." else f"{pipeline}/"
-            allowed = {f"repo/{folder}dvc.yaml", f"repo/{folder}params.json", "repo/specs/spec.schema.json"}
+            allowed = {f"repo/{folder}dvc.yaml", f"repo/{folder}params.json", f"repo/{folder}params.sha256.json",
+                       "repo/specs/spec.schema.json"}
             assert changed <= allowed, changed
             params = f"{folder}params.json"
             stages = YAML(typ="safe").load((repo / folder / "dvc.yaml").read_text())["stages"]

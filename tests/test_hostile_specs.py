@@ -488,7 +488,7 @@ def test_compiled_files_stay_in_their_own_pipeline_folder(tmp_path, monkeypatch)
         assert not (repo / path).is_symlink()
         folder = path.rsplit("/", 1)[0] if "/" in path else "."
         assert path == "specs/spec.schema.json" or (folder in owners and path.rsplit("/", 1)[-1] in
-                                                    ("dvc.yaml", "params.json")), path
+                                                    ("dvc.yaml", "params.json", "params.sha256.json")), path
     compiled = {k[len("repo/"):].rsplit("/", 1)[0] if "/" in k[len("repo/"):] else "."
                 for k in written if k.endswith("/dvc.yaml") or k == "repo/dvc.yaml"}
     assert compiled == set(owners)  # every pipeline written, each into its owner's folder only

@@ -204,10 +204,17 @@ class Calibration:
 
 @torch.no_grad()
 def fit_lambdas(base, denoise, noise, grid_or_steps, targets: Sequence[torch.Tensor], *, y=None,
-                chunks: int | Sequence[slice] = 1, reduce: Reduce | None = None, factor: int = 0) -> Calibration:
+                chunks: int | Sequence[slice] = 1, reduce: Reduce | None = None, gather: Reduce | None = None,
+                factor: int = 0) -> Calibration:
     """Greedy closed-form λ's along the student trajectory (module docstring). `reduce` sums the [num, den] float64
     pair across processes (an all-reduce); chunks split the local batch (memory, or to simulate processes).
-    `factor` is only recorded (0: unknown, when the targets came from elsewhere)."""
+    `gather` instead receives this process's per-chunk pairs (k×2) and returns every chunk's pair of the global
+    batch (n×2, in the global chunk order), which are then summed one by one from zero exactly as one process sums
+    its own chunks: the λ's are then bit-identical for any process count, not only equal to rounding (a float64
+    all-reduce of partial sums adds in another order). `factor` is only recorded (0: unknown, when the targets came
+    from elsewhere)."""
+    if reduce is not None and gather is not None:
+        raise ValueError("give `reduce` or `gather`, not both")
     grid = time_grid(grid_or_steps)
     if len(targets) != len(grid) - 1:
         raise ValueError(f"{len(targets)} teacher targets for a {len(grid) - 1}-step student grid")
@@ -219,16 +226,22 @@ def fit_lambdas(base, denoise, noise, grid_or_steps, targets: Sequence[torch.Ten
     lambdas, nums, dens = [], [], []
     for i, tv in enumerate(grid[:-1]):
         sums = torch.zeros(2, dtype=torch.float64)
-        pending = []
+        pending, rows = [], []
         for k, sl in enumerate(parts):
             x0, eps = base.predict(denoise, xs[k], tv, ys[k])
             base_next, direction, _ = _corrected(base, plan, i, xs[k], x0, eps, histories[k], 0.0)
             r = targets[i][sl].double() - base_next.double()
             d = direction.double()
-            sums += torch.stack([(r * d).sum(), (d * d).sum()])
+            row = torch.stack([(r * d).sum(), (d * d).sum()]).cpu()
+            if gather is None:
+                sums += row
+            rows.append(row)
             pending.append((eps, base_next, direction))
         if reduce is not None:
             sums = reduce(sums)
+        if gather is not None:
+            for row in gather(torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)):
+                sums += row
         num, den = float(sums[0]), float(sums[1])
         lam = num / den if den > 0.0 else 0.0
         for k, (eps, base_next, direction) in enumerate(pending):

@@ -95,15 +95,16 @@ class GraphContext:
     # add_fid(name, row, label, steps, source, deps, nfe_per_sample, seed=None, group=None): one FID stage + table row;
     # source["kind"] picks the runner (`sferd` → fid_sferd, `model`/`heldout`/`noise` → fid, else fid_<kind>)
     add_fid: Callable[..., None]
-    # builders' state across the methods of one spec (e.g. the CLD teachers already added, so rows share one)
+    # scratch space a builder keeps across the methods of one graph (e.g. stages two methods share: key → name)
     shared: dict[str, Any] = field(default_factory=dict)
 
 
 def non_chain_builders() -> dict[str, Callable[[GraphContext, Any], None]]:
     """Method kind → builder of its stages, for methods that are not progressive-distillation chains."""
-    from sferd.pipeline.graph_cld import build_cld  # its own module; imported here, as it imports this one
+    from sferd.pipeline.graph_cld import build_cld  # its own modules; imported here, as they import this one
+    from sferd.pipeline.graph_solver import build_solver
 
-    return {"cld": build_cld}
+    return {"solver": build_solver, "cld": build_cld}
 
 
 def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:

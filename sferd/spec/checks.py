@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 
 from sferd.metrics import keys
-from sferd.spec.models import ChainFields, CLDMethod, EvaluationSpec, SferdPDMethod, Spec, UNetSpec
+from sferd.spec.models import (DODE_SAMPLERS, MAX_STEPS, ORDERED_SAMPLERS, ChainFields, CLDMethod, EvaluationSpec,
+                               SferdPDMethod, SolverMethod, Spec, UNetSpec)
 
 Problem = tuple[tuple[str | int, ...], str]
 
@@ -105,6 +106,71 @@ def _check_cld(spec: Spec, m: int, method: CLDMethod, teachers: dict[str, int]) 
     return problems
 
 
+def solver_steps(spec: Spec, method: SolverMethod) -> list[int]:
+    """The NFEs a solver row is evaluated at."""
+    return list(method.steps) if method.steps is not None else list(spec.evaluation.student_steps)
+
+
+def _check_solver(spec: Spec, m: int, method: SolverMethod) -> list[Problem]:
+    """Sampler/order/calibration combinations of a `kind: solver` row, at every NFE it is evaluated at (gDDIM of
+    order q needs q earlier predictions to be reached: N ≥ q + 1 steps, as sferd.diffusion.gddim refuses otherwise;
+    D-ODE's teacher must take more steps than the student, on a grid holding the student's times)."""
+    at = ("methods", m)
+    where = "this row's `steps`" if method.steps is not None else "evaluation.student_steps"
+    steps = solver_steps(spec, method)
+    problems: list[Problem] = []
+    if method.sampler in ORDERED_SAMPLERS:
+        if method.order is None:
+            problems.append(((*at, "sampler"), f"{method.sampler} needs an `order` (0 is DDIM; gDDIM uses 1–3)"))
+        else:
+            low = [n for n in steps if method.order > n - 1]
+            if low:
+                problems.append(((*at, "order"), f"gDDIM order {method.order} needs at least {method.order + 1} "
+                                 f"steps (order q extrapolates q earlier predictions), but {where} has "
+                                 f"{', '.join(map(str, low))}: lower the order or list only NFEs >= "
+                                 f"{method.order + 1} in the row's `steps`"))
+    elif method.order is not None:
+        problems.append(((*at, "order"), f"{method.sampler} has no order (only gddim and d_gddim do)"))
+    cal = method.calibration
+    if method.sampler in DODE_SAMPLERS:
+        if cal is None:
+            problems.append(((*at, "sampler"), f"{method.sampler} needs a `calibration` block (teacher solver, "
+                             "factor K or teacher_steps, batch_size, seed) to fit its λ's"))
+    elif cal is not None:
+        problems.append(((*at, "calibration"), f"{method.sampler} fits no λ's: `calibration` is only for d_ddim and "
+                         "d_gddim"))
+    if cal is None or method.sampler not in DODE_SAMPLERS:
+        return problems
+    c_at = (*at, "calibration")
+    if cal.teacher_sampler == "gddim" and cal.teacher_order is None:
+        problems.append(((*c_at, "teacher_sampler"), "a gddim teacher solver needs a `teacher_order`"))
+    if cal.teacher_sampler != "gddim" and cal.teacher_order is not None:
+        problems.append(((*c_at, "teacher_order"), f"the {cal.teacher_sampler} teacher solver has no order"))
+    if (cal.factor is None) == (cal.teacher_steps is None):
+        problems.append((c_at, "give the teacher's steps either as `factor` (K× the student's at every NFE) or as "
+                         "`teacher_steps` (one count for every NFE), exactly one of them"))
+        return problems
+    for n in steps:
+        tn = cal.teacher_steps_for(n)
+        if cal.teacher_steps is not None:
+            if n >= tn:
+                problems.append(((*c_at, "teacher_steps"), f"the D-ODE student takes {n} steps at NFE {n} ({where}), "
+                                 f"not fewer than the teacher solver's {tn}: the teacher must take more steps"))
+                continue
+            if tn % n:
+                problems.append(((*c_at, "teacher_steps"), f"{tn} teacher steps are not a multiple of the student's "
+                                 f"{n} (NFE {n}, {where}): the teacher grid must hold the student's times"))
+                continue
+        elif tn > MAX_STEPS:
+            problems.append(((*c_at, "factor"), f"K = {cal.factor} gives the {n}-step student a teacher of {tn} "
+                             f"steps, more than {MAX_STEPS}"))
+            continue
+        if cal.teacher_order is not None and cal.teacher_sampler == "gddim" and cal.teacher_order > tn - 1:
+            problems.append(((*c_at, "teacher_order"), f"gDDIM order {cal.teacher_order} needs at least "
+                             f"{cal.teacher_order + 1} teacher steps; at NFE {n} the teacher takes {tn}"))
+    return problems
+
+
 def _check_start_from(spec: Spec, m: int, earlier: dict[str, int]) -> list[Problem]:
     """A branch starts at a student an earlier method's chain produces (earlier: its stages come first)."""
     method = spec.methods[m]
@@ -158,7 +224,8 @@ def stage_count(spec: Spec) -> int:
     per_seed = 0
     for method in spec.methods:
         if not isinstance(method, ChainFields):  # a sampler of the teacher: its FID stages and at most one more each
-            per_seed += 2 * len(ev.student_steps)
+            rows = solver_steps(spec, method) if isinstance(method, SolverMethod) else ev.student_steps
+            per_seed += 2 * len(rows)
             continue
         per_seed += len(method.student_steps()) + len(ev.student_steps)  # halvings, FID stages
         if isinstance(method, SferdPDMethod) and method.predictor is not None:
@@ -267,6 +334,8 @@ def check_spec(spec: Spec) -> list[Problem]:
                                  f"`--scale {scale}` would collide with this method's"))
         if isinstance(method, SferdPDMethod):
             problems.extend(_check_sferd(spec, m, method))
+        if isinstance(method, SolverMethod):
+            problems.extend(_check_solver(spec, m, method))
         if isinstance(method, CLDMethod):
             problems.extend(_check_cld(spec, m, method, cld_teachers))
         if not isinstance(method, ChainFields):

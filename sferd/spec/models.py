@@ -527,6 +527,124 @@ class SferdPDMethod(ChainFields):
         return self
 
 
+# ------------------------------------------------------------------------------------- samplers of the teacher
+
+# The sampler family of sferd.diffusion.samplers (same names; this package imports no torch). `gddim_cld` is named
+# only to be refused with a clear message: it samples a CLD model's augmented (x, v) state, not a VP teacher.
+SolverSampler = Literal["ddim", "euler_pf", "gddim", "d_ddim", "d_gddim", "gddim_cld"]
+ORDERED_SAMPLERS = ("gddim", "d_gddim")  # samplers with a multistep order
+DODE_SAMPLERS = ("d_ddim", "d_gddim")  # samplers with fitted λ's: they need a calibration stage
+MAX_SOLVER_ORDER = 3  # DEIS / gDDIM evaluate Lagrange extrapolation up to order 3; higher orders are unstable
+MAX_DODE_FACTOR = 1000  # D-ODE caps its teacher at 1000 steps (baselines.md §5); K itself never needs more
+
+
+class DODECalibrationSpec(Model):
+    """How a D-ODE sampler's λ's are fitted (Kim, Tang & Yu, CVPR 2024; baselines.md §5): the student step follows
+    `teacher_sampler` run on the student grid refined K times, greedily, on one calibration batch drawn from one
+    global seed (the λ's do not depend on the number of processes; the released code fits per GPU)."""
+
+    teacher_sampler: Literal["ddim", "gddim"] = Field(
+        description="The teacher solver the corrected student follows (D-ODE pairs D-DDIM and D-DPM-Solver with a "
+        "DDIM teacher): `ddim` or `gddim` (then `teacher_order`).",
+    )
+    teacher_order: int | None = Field(
+        None, ge=0, le=MAX_SOLVER_ORDER,
+        description="gDDIM order of the teacher solver; required exactly when teacher_sampler is gddim.",
+    )
+    factor: int | None = Field(
+        None, ge=1, le=MAX_DODE_FACTOR,
+        description="K: the teacher takes K× the student's steps at every evaluated NFE (D-ODE: K = 10). Give "
+        "`factor` or `teacher_steps`, not both. K ≥ 2: with K = 1 the teacher is the student and every λ is 0.",
+    )
+    teacher_steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS,
+        description="A fixed teacher step count for every NFE instead of a factor (D-ODE caps its teacher at 1000 "
+        "steps); each evaluated NFE must divide it and be smaller.",
+    )
+    batch_size: int = Field(
+        gt=0, le=MAX_BATCH,
+        description="Calibration batch (D-ODE code: 100 per GPU; here one global batch split over the processes).",
+    )
+    seed: int = Field(
+        ge=0, lt=SEED_LIMIT,
+        description="Calibration sample k draws its noise (and class) from seed + k, in a stream of its own (never "
+        "an FID sample's noise).",
+    )
+
+    @field_validator("factor")
+    @classmethod
+    def _factor(cls, v: int | None) -> int | None:
+        if v == 1:
+            raise ValueError("factor 1 makes the teacher solver the student itself (every λ is 0, the row is the "
+                             "base sampler at extra cost): use K >= 2 (D-ODE: 10)")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seeds_fit(cls, v: int, info: ValidationInfo) -> int:
+        n = info.data.get("batch_size")
+        if n is not None and v + n > SEED_LIMIT:
+            raise ValueError("calibration seeds run from seed to seed + batch_size − 1, which must stay below 2**59")
+        return v
+
+    def teacher_steps_for(self, steps: int) -> int:
+        return self.teacher_steps if self.teacher_steps is not None else steps * (self.factor or 0)
+
+
+class SolverMethod(Model):
+    """The spec's (VP) teacher sampled by a named sampler of the suite's family, no training (gDDIM rows, D-ODE's
+    calibrated solvers): a table row that names a sampler and the model, at every evaluated NFE."""
+
+    kind: Literal["solver"] = Field(description="Method discriminator: `solver` samples the teacher with `sampler`.")
+    name: str = Field(description="Row id in tables and stage names ([a-z0-9-]).")
+    label: str = Field(min_length=1, max_length=80, description="Row label in rendered tables.")
+    sampler: SolverSampler = Field(
+        description="`ddim`, `euler_pf` (Euler on the probability-flow ODE), `gddim` (exponential multistep, "
+        "`order`), `d_ddim` / `d_gddim` (D-ODE: the base solver with fitted λ's, `calibration`).",
+    )
+    order: int | None = Field(
+        None, ge=0, le=MAX_SOLVER_ORDER,
+        description="Multistep order of gddim / d_gddim (0 is DDIM); required for them, refused for the others.",
+    )
+    steps: list[Annotated[int, Field(ge=1, le=MAX_STEPS)]] | None = Field(
+        None, min_length=1, max_length=MAX_LIST,
+        description="NFEs this row is evaluated at (null: evaluation.student_steps), e.g. only those a gDDIM "
+        "order can reach.",
+    )
+    calibration: DODECalibrationSpec | None = Field(
+        None, description="D-ODE calibration; required exactly for d_ddim and d_gddim.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        _check_stem(v)
+        if v in RESERVED_METHOD_NAMES:
+            raise ValueError(f"{v!r} is the name of a fixed stage (<dataset>-{v}): choose another method name")
+        return v
+
+    @field_validator("sampler")
+    @classmethod
+    def _vp_sampler(cls, v: str) -> str:
+        if v == "gddim_cld":
+            raise ValueError("gddim_cld samples a critically-damped Langevin (CLD) model's (x, v) state; the spec's "
+                             "teacher is a VP model: use ddim, euler_pf, gddim, d_ddim or d_gddim here (CLD rows "
+                             "come from a `kind: cld` method)")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("step counts repeat")
+        return v
+
+    @property
+    def base(self) -> str:
+        """The D-ODE base solver (d_ddim → ddim) or the sampler itself."""
+        return self.sampler[2:] if self.sampler in DODE_SAMPLERS else self.sampler
+
+
 def self_chain(start: int | None, end: int | None) -> list[int]:
     if not start or not end or not _is_power_of_two(start) or not _is_power_of_two(end):
         return []
@@ -661,8 +779,8 @@ class CLDMethod(Model):
         return v
 
 
-# Later methods (cfd, dode, …) join this union; the discriminator keeps errors precise.
-Method = Annotated[Union[PDMethod, SferdPDMethod, CLDMethod], Field(discriminator="kind")]
+# Later methods (cfd, …) join this union; the discriminator keeps errors precise.
+Method = Annotated[Union[PDMethod, SferdPDMethod, SolverMethod, CLDMethod], Field(discriminator="kind")]
 
 
 # --------------------------------------------------------------------------------------------- evaluation
