@@ -67,3 +67,17 @@ def test_one_teacher_name_with_two_settings(repo):
 def test_an_unknown_sampler(repo):
     text = CLD.replace("sampler: {kind: euler}", "sampler: {kind: heun}")
     _refused(repo, text, _at(text, "heun"), "euler")
+
+
+def test_a_rows_own_steps_and_the_order_checked_against_them(repo):
+    ok = CLD.replace("student_steps: [4, 8]", "student_steps: [1, 2]").replace(
+        "sampler: {kind: gddim, order: 0}", "sampler: {kind: gddim, order: 0}\n    steps: [1, 2]").replace(
+        "sampler: {kind: gddim, order: 1}}", "sampler: {kind: gddim, order: 1}, steps: [2, 4]}").replace(
+        "sampler: {kind: gddim, order: 2}}", "sampler: {kind: gddim, order: 2}, steps: [4, 8]}").replace(
+        "sampler: {kind: gddim, order: 3}}", "sampler: {kind: gddim, order: 3}, steps: [4, 8, 16]}").replace(
+        "sampler: {kind: euler}}", "sampler: {kind: euler}, steps: [4, 8]}")
+    (repo / "specs/ok.yaml").write_text(ok)
+    r = runner.invoke(app, ["validate", "specs/ok.yaml"])
+    assert r.exit_code == 0, r.output
+    bad = ok.replace("order: 3}, steps: [4, 8, 16]", "order: 3}, steps: [8, 3]")
+    _refused(repo, bad, _at(bad, "3}, steps: [8, 3]", "order: "), "at 3 NFE (methods.3.steps.1)")

@@ -244,3 +244,15 @@ def test_fid_cld_refuses_a_vp_checkpoint_and_other_constants_before_sampling(ws)
     with pytest.raises(StageError, match="mixed_score"):
         _run_in(d, "unmixed", unmixed)
     assert not (d / "results/metrics/vp-as-cld.json").exists() and not (d / "results/metrics/other-beta.json").exists()
+
+
+def test_a_rows_own_steps_choose_its_fid_stages():
+    from sferd.spec.models import Spec
+
+    doc = load_spec(SPEC).model_dump()
+    doc["methods"][3]["steps"] = [4, 16]
+    stages = _stages(Spec.model_validate(doc))
+    assert sorted(n for n in stages if n.startswith("digits-cld-q3-")) == ["digits-cld-q3-s0004-fid",
+                                                                           "digits-cld-q3-s0016-fid"]
+    assert stages["digits-cld-q3-s0016-fid"].params["steps"] == 16
+    assert "digits-cld-q2-s0016-fid" not in stages  # the other rows keep evaluation.student_steps

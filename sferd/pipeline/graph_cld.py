@@ -55,7 +55,7 @@ def build_cld(ctx: GraphContext, method: CLDMethod) -> None:
             cost={"forward_passes": 3.0 * t.updates * t.batch_size},
         ))
     sampler = method.sampler.model_dump(mode="json")
-    for nfe in ctx.spec.evaluation.student_steps:
+    for nfe in method.nfes(ctx.spec.evaluation):
         source = {"kind": "cld", "checkpoint": f"{out_dir}/model.pt", "model": model, "process": process,
                   "mixed_score": t.mixed_score, "sampler": sampler}
         ctx.add_fid(f"{ctx.prefix}-{method.name}-{steps_tag(nfe)}-fid", method.name, method.label, nfe, source,

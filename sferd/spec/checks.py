@@ -91,12 +91,13 @@ def _check_cld(spec: Spec, m: int, method: CLDMethod, teachers: dict[str, int]) 
         problems.append(((*where, "class_conditional"), f"{spec.dataset.id} has no class labels"))
     order = getattr(method.sampler, "order", None)
     if order is not None:
-        for k, nfe in enumerate(spec.evaluation.student_steps):
+        source = f"methods.{m}.steps" if method.steps is not None else "evaluation.student_steps"
+        for k, nfe in enumerate(method.nfes(spec.evaluation)):
             if order > nfe - 1:
                 problems.append((("methods", m, "sampler", "order"),
                                  f"gDDIM order {order} extrapolates through {order + 1} earlier ε's, but at "
-                                 f"{nfe} NFE (evaluation.student_steps.{k}) only {nfe} steps are taken: the order "
-                                 f"is at most {nfe - 1} there"))
+                                 f"{nfe} NFE ({source}.{k}) only {nfe} steps are taken: the order is at most "
+                                 f"{nfe - 1} there (a row's own `steps` can list only the NFEs it reaches)"))
                 break
     first = teachers.setdefault(method.teacher.name, m)
     if first != m and spec.methods[first].teacher.stage_params() != method.teacher.stage_params():
@@ -224,7 +225,8 @@ def stage_count(spec: Spec) -> int:
     per_seed = 0
     for method in spec.methods:
         if not isinstance(method, ChainFields):  # a sampler of the teacher: its FID stages and at most one more each
-            rows = solver_steps(spec, method) if isinstance(method, SolverMethod) else ev.student_steps
+            rows = (solver_steps(spec, method) if isinstance(method, SolverMethod)
+                    else method.nfes(ev) if isinstance(method, CLDMethod) else ev.student_steps)
             per_seed += 2 * len(rows)
             continue
         per_seed += len(method.student_steps()) + len(ev.student_steps)  # halvings, FID stages

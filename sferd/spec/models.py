@@ -758,6 +758,22 @@ class CLDMethod(Model):
     label: str = Field(min_length=1, max_length=80, description="Row label in rendered tables.")
     teacher: CLDTeacherSpec = Field(description="The CLD teacher this row samples (rows with the same teacher name share its stage).")
     sampler: CLDSampler = Field(description="`gddim` with an `order`, or `euler`.")
+    steps: list[Annotated[int, Field(ge=1, le=MAX_STEPS)]] | None = Field(
+        None, min_length=1, max_length=MAX_LIST,
+        description="NFEs this row is evaluated at (null: evaluation.student_steps), e.g. only those its gDDIM order "
+        "can reach, or the larger NFEs a CLD sampler needs beside few-step students.",
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("step counts repeat")
+        return v
+
+    def nfes(self, evaluation: "EvaluationSpec") -> list[int]:
+        """The NFEs this row is evaluated at."""
+        return list(self.steps) if self.steps is not None else list(evaluation.student_steps)
 
     @field_validator("name")
     @classmethod
