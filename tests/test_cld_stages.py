@@ -256,3 +256,24 @@ def test_a_rows_own_steps_choose_its_fid_stages():
                                                                            "digits-cld-q3-s0016-fid"]
     assert stages["digits-cld-q3-s0016-fid"].params["steps"] == 16
     assert "digits-cld-q2-s0016-fid" not in stages  # the other rows keep evaluation.student_steps
+
+
+def test_fid_cld_samples_are_the_same_bytes_on_two_gloo_processes(ws, tmp_path):
+    """Sharded sampling (each rank its batches, rank 0 gathers): samples.npz equals the one-process file."""
+    d, params = ws
+    name = "digits-cld-q1-s0004-fid"
+    _run_in(d, name, params[name])
+    two = tmp_path / "two"
+    (two / "results").mkdir(parents=True)
+    for sub in ("digits-data", "digits-features", "digits-reference-stats", "digits-cld-teacher"):
+        os.symlink(d / "results" / sub, two / "results" / sub)
+    p = json.loads(json.dumps(params[name]))
+    p["sample_batch_size"] = 24  # 64 samples: 3 batches over 2 ranks, so the ranks' shares differ
+    (two / "params.json").write_text(json.dumps({name: p}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "sferd.pipeline.run",
+                        "--params", "params.json", name], cwd=two, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with np.load(d / f"results/{name}/samples.npz") as a, np.load(two / f"results/{name}/samples.npz") as b:
+        assert all(np.array_equal(a[k], b[k]) for k in ("images", "labels", "seeds"))
+    assert json.loads((two / f"results/metrics/{name}.json").read_text())["machine"]["world_size"] == 2
