@@ -27,9 +27,15 @@ training settings: 800 updates, batch 64, lr 1e-3, warm-up 100, EMA 0.99; FID of
 * loss (mean ε-MSE over the last 100 updates): 0.043 with the mixed score, 0.066 without.
 * without the mixed score the backward flow diverges (state rms ~1800 at t_min; FID 16-23 at every NFE and
   order, samples saturated noise); at t_min = 1e-2 the same (FID 16-20).
-* with the mixed score (the default), FID by NFE 4 / 8 / 16 / 32: gDDIM q=2 29.8 / 11.9 / 4.79 / 3.66; Euler
-  20.3 / 20.1 / 20.9 / 17.7; at 8 NFE q=0 9.0, q=1 7.2, q=2 11.9, q=3 20.1; at 4 NFE q=0 27.7, q=1 30.3, q=3 29.9.
-  The VP quickstart teacher trained the same way: FID 4.8 with 8 DDIM steps. Held-out floor 0.11.
+* with the mixed score (the default), FID by NFE 4 / 8 / 16 / 32 (one teacher, one sample set per cell):
+    gDDIM q=0   27.7 /  9.0 /  5.28 / 4.23
+    gDDIM q=1   30.3 /  7.2 /  4.43 / 3.79
+    gDDIM q=2   29.8 / 11.9 /  4.79 / 3.66
+    gDDIM q=3   29.9 / 20.1 / 15.3  / 10.0
+    Euler       20.3 / 20.1 / 20.9  / 17.7
+  The VP quickstart teacher trained the same way: FID 4.8 with 8 DDIM steps. Held-out floor 0.11. Order 3 loses on
+  this short-trained network although it wins on exact Gaussian ε's (tests/test_cld.py): extrapolating through
+  four predictions amplifies the network's error on the quadratic grid's long first steps.
 """
 
 from __future__ import annotations
