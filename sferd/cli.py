@@ -224,7 +224,7 @@ def _homes(specs, *, strict: bool = True) -> list[tuple[str, object]]:
 
 # stage kinds whose names start with a method's name (a clash is located at that method)
 METHOD_STAGE_KINDS = ("distill", "predictor", "prior", "fid", "fid_sferd", "fid_solver", "dode_calibration",
-                      "classifier")
+                      "fid_cld", "classifier")
 
 
 def _stage_field(spec, stage) -> tuple:
@@ -232,6 +232,10 @@ def _stage_field(spec, stage) -> tuple:
     for m, method in enumerate(spec.methods):
         if f"-{method.name}-" in f"{stage.name}-" and stage.kind in METHOD_STAGE_KINDS:
             return ("methods", m, "name")
+    if stage.kind == "cld_teacher":  # named after the teacher block of the first CLD row that uses it
+        for m, method in enumerate(spec.methods):
+            if getattr(method, "kind", None) == "cld" and stage.name.endswith(f"-{method.teacher.name}-teacher"):
+                return ("methods", m, "teacher", "name")
     return {"data": ("dataset",), "features": ("features",), "teacher": ("teacher",), "teacher_import": ("teacher",),
             "render": ("table", "id")}.get(stage.kind, ("name",))
 

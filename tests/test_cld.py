@@ -145,3 +145,139 @@ def test_sampler_validates(cld):
         CLDGDDIM(process=cld)(GaussianCLD(cld, 0.0, 0.5), xi[:, :1], 3)
     with pytest.raises(ValueError):
         CLD(t_min=0.0)
+
+
+# -- plain Euler on the CLD probability flow (sferd.diffusion.cld.CLDEuler) ---------------------------------------
+
+
+def euler_reference(model, u1, grid):
+    """Euler written from the probability flow of the exact Gaussian model, du/dt = F u + ½ G Gᵀ S_t⁻¹ (u − μ_t): the
+    score −S_t⁻¹(u − μ_t) comes from the moment ODE, so neither R_t nor the code under test enters."""
+    u = u1.clone()
+    for t, s in zip(grid, grid[1:]):
+        mu, cov = model.mom(t)
+        drift = torch.einsum("ij,bj...->bi...", torch.from_numpy(F), u) + torch.einsum(
+            "ij,bj...->bi...", torch.from_numpy(0.5 * GG @ np.linalg.inv(cov)), u - torch.from_numpy(mu).reshape(1, 2, 1))
+        u = u + (s - t) * drift
+    return u
+
+
+def test_euler_is_plain_euler_on_the_probability_flow(cld):
+    model = GaussianCLD(cld, 0.3, 0.5)
+    xi, u1 = start(cld)
+    for steps in (3, 10):
+        grid = [T_MIN + (1 - T_MIN) * (i / steps) ** 2 for i in range(steps, -1, -1)]  # the quadratic grid
+        out = make_sampler("euler_cld", process=cld).sample_state(model, xi, steps)
+        np.testing.assert_allclose(out.numpy(), euler_reference(model, u1, grid).numpy(), rtol=1e-8, atol=1e-9)
+    seen = []
+    x = make_sampler("euler_cld", process=cld)(model, xi, 4, callback=lambda i, t, u: seen.append((i, t)))
+    assert x.shape == (64, 3) and [i for i, _ in seen] == [0, 1, 2, 3] and seen[-1][1] == pytest.approx(T_MIN)
+
+
+def test_euler_converges_at_first_order_and_gddim_beats_it_at_equal_nfe(cld):
+    model = GaussianCLD(cld, 0.3, 0.5)
+    xi, u1 = start(cld)
+    ref = model.exact_flow(u1)
+    euler = make_sampler("euler_cld", process=cld)
+    err = [(euler.sample_state(model, xi, n) - ref).abs().max().item() for n in (200, 400, 800)]
+    rates = [math.log2(a / b) for a, b in zip(err, err[1:])]
+    assert all(0.8 < r < 1.3 for r in rates), (err, rates)  # first order
+    gd = (CLDGDDIM(process=cld, order=2).sample_state(model, xi, 40) - ref).abs().max().item()
+    e40 = (euler.sample_state(model, xi, 40) - ref).abs().max().item()
+    assert gd < e40 / 3, (gd, e40)
+
+
+# -- the CLD teacher's loss (sferd.methods.cld_teacher) ----------------------------------------------------------
+
+
+def test_cld_training_loss_equals_an_independent_formula():
+    """u_t = e^{Ft}(x₀, 0) + R_t ε with R_t from its own ODE integrated here (scipy, from Σ by Van Loan's block
+    exponential), loss = mean over the 2·C·H·W entries of (ε_θ(u_t, t) − ε)², with the same draws."""
+    from sferd.methods.cld_teacher import cld_teacher_loss
+    from sferd.methods.draws import GeneratorDraws
+
+    proc = CLD(t_min=T_MIN, m_inv=M_INV, beta=BETA, gamma=GAMMA)
+
+    def sigma(t):
+        e = expm(np.block([[F, GG], [np.zeros((2, 2)), -F.T]]) * t)
+        p = expm(F * t)
+        return p @ SIGMA0 @ p.T + e[:2, 2:] @ e[:2, :2].T
+
+    r_sol = solve_ivp(lambda t, r: ((F + 0.5 * GG @ np.linalg.inv(sigma(t))) @ r.reshape(2, 2)).reshape(-1),
+                      (1.0, T_MIN), np.linalg.cholesky(sigma(1.0)).reshape(-1), method="DOP853", rtol=1e-12,
+                      atol=1e-14, dense_output=True)
+
+    class Net(torch.nn.Module):  # a fixed nonlinear ε-model on 2C = 4 channels, using t and y
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(5)
+            self.w = torch.nn.Parameter(torch.randn(4, 4, generator=g))
+
+        def forward(self, u, t, y):
+            return torch.tanh(torch.einsum("oc,bchw->bohw", self.w, u) * (1 + t[:, None, None, None])) + y[:, None, None, None]
+
+    x0 = torch.randn(5, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(5.0)
+    net = Net()
+    for mixed in (False, True):
+        got = cld_teacher_loss(net, proc, x0, GeneratorDraws(torch.Generator().manual_seed(9), 5), y=y, mixed=mixed)
+        np.testing.assert_allclose(got.detach().numpy(), _reference_loss(net, x0, y, sigma, r_sol, mixed), rtol=1e-5)
+        assert got.shape == (5,) and got.requires_grad  # per-sample, differentiable in the network
+
+
+def _reference_loss(net, x0, y, sigma, r_sol, mixed):
+    """The loss of the test above, written from the formulas; with `mixed`, ε̂ = R_tᵀ S_t⁻¹ u + net with
+    S_t = Σ_t + e^{Ft} diag(1, 0) e^{Ftᵀ} (the covariance of u_t for N(0, I) data)."""
+
+    g = torch.Generator().manual_seed(9)  # the same draws: t first, then ε on both halves
+    t = T_MIN + (1 - T_MIN) * torch.rand(5, generator=g).double()
+    eps = torch.randn(5, 2, 2, 3, 3, generator=g)
+    want = []
+    for b in range(5):
+        tb = float(t[b])
+        m = expm(F * tb)[:, 0]  # e^{Ft}(x₀, 0) = x₀ times the first column
+        r = r_sol.sol(tb).reshape(2, 2)
+        u = (torch.from_numpy(m).reshape(2, 1, 1, 1) * x0[b].double()
+             + torch.einsum("ij,j...->i...", torch.from_numpy(r), eps[b].double())).float()
+        pred = net(u.reshape(1, 4, 3, 3), t[b:b + 1].float(), y[b:b + 1]).detach().reshape(2, 2, 3, 3)
+        if mixed:
+            e = expm(F * tb)
+            a = r.T @ np.linalg.inv(sigma(tb) + e @ np.diag([1.0, 0.0]) @ e.T)
+            pred = pred + torch.einsum("ij,j...->i...", torch.from_numpy(a).float(), u)
+        want.append(float(((pred - eps[b]) ** 2).mean()))
+    return want
+
+
+def test_mixed_part_is_the_exact_eps_of_unit_gaussian_data(cld):
+    """A_t u = E[ε | u] for data N(0, I): checked against GaussianCLD (moments from the SDE's moment ODE)."""
+    from sferd.methods.cld_teacher import EpsModel, mixed_matrices
+
+    model = GaussianCLD(cld, 0.0, 1.0)
+    u = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for tv in (T_MIN, 0.05, 0.5, 1.0):
+        t = torch.full((4,), tv, dtype=torch.float64)
+        a = torch.from_numpy(mixed_matrices(cld, t))
+        np.testing.assert_allclose(torch.einsum("bij,bj...->bi...", a, u).numpy(), model(u, t).numpy(),
+                                   rtol=1e-7, atol=1e-9)
+
+    class Zero(torch.nn.Module):  # a network whose output is 0: the mixed model is then the Gaussian one
+        def forward(self, x, t, y=None):
+            return torch.zeros_like(x)
+
+    u5 = torch.randn(3, 2, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t = torch.tensor([0.2, 0.2, 0.7], dtype=torch.float64)
+    got = EpsModel(Zero(), process=cld, mixed=True)(u5, t)
+    want = torch.stack([model(u5[b].reshape(1, 2, 4), t[b:b + 1]).reshape(2, 1, 2, 2) for b in range(3)])
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-7, atol=1e-9)
+    assert torch.equal(EpsModel(Zero())(u5, t), torch.zeros_like(u5))
+
+
+def test_order3_on_gaussian_data_beats_order2_as_steps_grow(cld):
+    # the CLD rows' q = 3 against the exact flow (measured max errors at 16/32/64 steps: q=2 0.245/0.068/0.015,
+    # q=3 0.177/0.048/0.0076); with a trained network it can still lose, as extrapolation amplifies model error
+    model = GaussianCLD(cld, 0.3, 0.5)
+    xi, u1 = start(cld)
+    ref = model.exact_flow(u1)
+    err = {q: [(CLDGDDIM(process=cld, order=q).sample_state(model, xi, n) - ref).abs().max().item() for n in (32, 64)]
+           for q in (2, 3)}
+    assert err[3][0] < err[2][0] and err[3][1] < 0.7 * err[2][1] and err[3][1] < err[3][0] / 4, err

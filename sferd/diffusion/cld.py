@@ -213,4 +213,43 @@ class CLDGDDIM:
         return self.sample_state(eps_model, noise, grid_or_steps, y=y, callback=callback)[:, 0]
 
 
+class CLDEuler:
+    """Plain explicit Euler in t on the CLD probability flow du/dt = F u + ½ G Gᵀ R_t⁻ᵀ ε̂(u, t), on the same grids
+    as `CLDGDDIM` (an int is the quadratic grid) and from the same start u₁ = R₁ noise: one ε̂ per step, so the NFE
+    equals gDDIM's. gDDIM's baseline, the first-order method an exponential integrator is measured against; like
+    `CLDGDDIM` it returns the x component of the state at the last grid time."""
+
+    name = "euler_cld"
+
+    def __init__(self, *, process: CLD):
+        self.process = process
+
+    @functools.lru_cache(maxsize=32)
+    def _coefficients(self, grid: tuple[float, ...]):
+        """Per step (t, s, I + (s − t) F, (s − t) ½ G Gᵀ R_t⁻ᵀ), float64."""
+        out = []
+        for t, s in zip(grid, grid[1:]):
+            h = s - t
+            out.append((t, s, np.eye(2) + h * self.process.F,
+                        h * 0.5 * self.process.GG @ np.linalg.inv(self.process.R(t)).T))
+        return tuple(out)
+
+    @torch.no_grad()
+    def sample_state(self, eps_model, noise, grid_or_steps, *, y=None, callback=None) -> torch.Tensor:
+        grid = self.process.grid(grid_or_steps)
+        if noise.ndim < 2 or noise.shape[1] != 2:
+            raise ValueError(f"CLD noise must have the (x, v) axis at dim 1 of size 2, got shape {tuple(noise.shape)}")
+        u = apply2(self.process.R(grid[0]), noise)
+        for i, (t, s, lin, gain) in enumerate(self._coefficients(grid)):
+            eps = eps_model(u, torch.full((u.shape[0],), t, dtype=u.dtype, device=u.device), y)
+            u = apply2(lin, u) + apply2(gain, eps)
+            if callback is not None:
+                callback(i, s, u)
+        return u
+
+    def __call__(self, eps_model, noise, grid_or_steps, *, y=None, callback=None) -> torch.Tensor:
+        return self.sample_state(eps_model, noise, grid_or_steps, y=y, callback=callback)[:, 0]
+
+
 register("gddim_cld", CLDGDDIM)
+register("euler_cld", CLDEuler)

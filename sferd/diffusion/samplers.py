@@ -12,7 +12,8 @@ Options that are not part of a call (clipping, order, fitted λ's) are bound whe
 `make_sampler("gddim", order=2)`. A table row therefore names a sampler and a model and nothing else.
 
 Names: `ddim`, `euler_pf`, `gddim` (`sferd.diffusion.gddim`), `d_ddim` and `d_gddim` (`sferd.diffusion.dode`),
-`gddim_cld` (`sferd.diffusion.cld`; its "denoiser" is an ε-model of the augmented CLD state, not a VP denoiser).
+`gddim_cld` and `euler_cld` (`sferd.diffusion.cld`; their "denoiser" is an ε-model of the augmented CLD state, not a
+VP denoiser).
 """
 
 from __future__ import annotations

@@ -238,7 +238,7 @@ def stage_memory(params: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str,
     """(trained U-Net, batch, frozen U-Net or None) of a U-Net training stage's resolved params, None for other
     kinds (their networks are not U-Nets: the estimate would not be about them)."""
     kind = params.get("kind")
-    if kind == "teacher":
+    if kind in ("teacher", "cld_teacher"):  # a CLD teacher is the same U-Net on 2C channels
         return params["model"], int(params["training"]["batch_size"]), None
     if kind == "distill":
         return params["model"], int(params["training"]["batch_size"]), params["teacher"]["model"]

@@ -101,9 +101,10 @@ class GraphContext:
 
 def non_chain_builders() -> dict[str, Callable[[GraphContext, Any], None]]:
     """Method kind → builder of its stages, for methods that are not progressive-distillation chains."""
+    from sferd.pipeline.graph_cld import build_cld  # its own modules; imported here, as they import this one
     from sferd.pipeline.graph_solver import build_solver
 
-    return {"solver": build_solver}
+    return {"solver": build_solver, "cld": build_cld}
 
 
 def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
@@ -513,7 +514,7 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     return [with_training_log(s) for s in stages]
 
 
-TRAINING_KINDS = frozenset({"features", "teacher", "distill", "predictor", "prior", "classifier"})
+TRAINING_KINDS = frozenset({"features", "teacher", "distill", "predictor", "prior", "cld_teacher", "classifier"})
 
 
 def training_log_path(name: str) -> str:

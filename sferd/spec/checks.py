@@ -11,8 +11,8 @@ import math
 
 from sferd.metrics import keys
 from sferd.spec.models import (CIFAR_ARCHITECTURES, DODE_SAMPLERS, MAX_STEPS, ORDERED_SAMPLERS, CfdMethod,
-                               ChainFields, EvaluationSpec, PretrainedClassifierSpec, SferdPDMethod, SolverMethod,
-                               Spec, UNetSpec)
+                               ChainFields, CLDMethod, EvaluationSpec, PretrainedClassifierSpec, SferdPDMethod,
+                               SolverMethod, Spec, UNetSpec)
 
 Problem = tuple[tuple[str | int, ...], str]
 
@@ -113,6 +113,41 @@ def _check_classifier(spec: Spec, m: int, method: CfdMethod) -> list[Problem]:
     if c.architecture == "digits-cnn" and ds.num_classes != DIGITS_CNN_CLASSES:
         return [(where, f"digits-cnn is a {DIGITS_CNN_CLASSES}-class classifier; {shape} does not match")]
     return []
+
+
+def _check_cld(spec: Spec, m: int, method: CLDMethod, teachers: dict[str, int]) -> list[Problem]:
+    """A CLD row: its U-Net fits the data, its gDDIM order is reached at every evaluated NFE, and a teacher name
+    shared with an earlier row means the same teacher."""
+    problems: list[Problem] = []
+    res = spec.dataset.resolution
+    model = method.teacher.model
+    where = ("methods", m, "teacher", "model")
+    if res % 2 ** (len(model.channel_mult) - 1):
+        problems.append(((*where, "channel_mult"), f"{len(model.channel_mult)} levels need the resolution ({res}) "
+                         f"divisible by {2 ** (len(model.channel_mult) - 1)}"))
+    levels = model.resolutions(res)
+    for k, r in enumerate(model.attention_resolutions):
+        if r not in levels:
+            problems.append(((*where, "attention_resolutions", k),
+                             f"the U-Net has no {r}×{r} level at {res}×{res} input (levels: {levels})"))
+    if model.class_conditional and spec.dataset.num_classes < 2:
+        problems.append(((*where, "class_conditional"), f"{spec.dataset.id} has no class labels"))
+    order = getattr(method.sampler, "order", None)
+    if order is not None:
+        source = f"methods.{m}.steps" if method.steps is not None else "evaluation.student_steps"
+        for k, nfe in enumerate(method.nfes(spec.evaluation)):
+            if order > nfe - 1:
+                problems.append((("methods", m, "sampler", "order"),
+                                 f"gDDIM order {order} extrapolates through {order + 1} earlier ε's, but at "
+                                 f"{nfe} NFE ({source}.{k}) only {nfe} steps are taken: the order is at most "
+                                 f"{nfe - 1} there (a row's own `steps` can list only the NFEs it reaches)"))
+                break
+    first = teachers.setdefault(method.teacher.name, m)
+    if first != m and spec.methods[first].teacher.stage_params() != method.teacher.stage_params():
+        problems.append((("methods", m, "teacher"),
+                         f"CLD teacher {method.teacher.name!r} is defined by methods.{first} with other settings: "
+                         "rows sharing a teacher name share its stage (use a YAML anchor), or give it another name"))
+    return problems
 
 
 def solver_steps(spec: Spec, method: SolverMethod) -> list[int]:
@@ -233,7 +268,8 @@ def stage_count(spec: Spec) -> int:
     per_seed = 0
     for method in spec.methods:
         if not isinstance(method, ChainFields):  # a sampler of the teacher: its FID stages and at most one more each
-            rows = solver_steps(spec, method) if isinstance(method, SolverMethod) else ev.student_steps
+            rows = (solver_steps(spec, method) if isinstance(method, SolverMethod)
+                    else method.nfes(ev) if isinstance(method, CLDMethod) else ev.student_steps)
             per_seed += 2 * len(rows)
             continue
         per_seed += len(method.student_steps()) + len(ev.student_steps)  # halvings, FID stages
@@ -333,6 +369,7 @@ def check_spec(spec: Spec) -> list[Problem]:
         problems.append((("evaluation", "feature_extractor"), "Inception features are meaningless on 1-channel digits; use digits-cnn"))
 
     names: dict[str, int] = {}
+    cld_teachers: dict[str, int] = {}  # CLD teacher name → the first method that defines it
     for m, method in enumerate(spec.methods):
         if method.name in names:
             problems.append((("methods", m, "name"), f"method name {method.name!r} already used by methods.{names[method.name]}"))
@@ -347,6 +384,8 @@ def check_spec(spec: Spec) -> list[Problem]:
             problems.extend(_check_cfd(spec, m, method))
         if isinstance(method, SolverMethod):
             problems.extend(_check_solver(spec, m, method))
+        if isinstance(method, CLDMethod):
+            problems.extend(_check_cld(spec, m, method, cld_teachers))
         if not isinstance(method, ChainFields):
             continue  # not a distillation chain: no students to check
         if method.start_from is not None:

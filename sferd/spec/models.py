@@ -808,8 +808,149 @@ def self_chain(start: int | None, end: int | None) -> list[int]:
     return out
 
 
-# Later methods (cld, …) join this union; the discriminator keeps errors precise.
-Method = Annotated[Union[PDMethod, SferdPDMethod, SolverMethod, CfdMethod], Field(discriminator="kind")]
+class CLDProcessSpec(Model):
+    """Critically-damped Langevin diffusion (Dockhorn, Vahdat & Kreis, ICLR 2022) as gDDIM samples it
+    (sferd/diffusion/cld.py): du = F u dt + G dw on the state u = (x, v), critical damping Γ = 2/√M⁻¹."""
+
+    m_inv: float = Field(4.0, gt=0.0, le=1e3, description="M⁻¹, the inverse mass (gDDIM CIFAR-10: 4; baselines.md §6).")
+    beta: float = Field(4.0, gt=0.0, le=1e2, description="β, the time scale of the SDE (gDDIM CIFAR-10: 4).")
+    gamma: float = Field(
+        0.04, gt=0.0, le=1.0, description="γ: initial velocities v₀ ~ N(0, γM) (gDDIM CIFAR-10: 0.04)."
+    )
+    t_min: float = Field(
+        1e-3, gt=0.0, le=0.1,
+        description="Smallest time, where sampling ends and the training times start (Σ₀ is singular, so R_t⁻¹ "
+        "blows up at 0). Not recovered from gDDIM's paper: a project choice.",
+    )
+
+    @model_validator(mode="after")
+    def _prior_reached(self) -> "CLDProcessSpec":
+        # Σ₁ must be close to the prior N(0, diag(1, M)) the sampler starts from: the mean Ψ(1,0)(x₀, 0) decays as
+        # e^{μ}(1 + |μ|) with the double eigenvalue μ = −β Γ M⁻¹/2 = −β √M⁻¹; at μ = −8 (the paper's values) the
+        # data's residual weight is 0.003, and a process that barely forgets its data cannot start from noise.
+        mu = self.beta * self.m_inv ** 0.5
+        if mu < 2.0:
+            raise ValueError(f"β·√M⁻¹ = {mu:.3g} < 2: the process keeps more than 40 % of the data at t = 1 "
+                             "(the mean decays as e^{−β√M⁻¹}(1 + β√M⁻¹)), so sampling from the prior is wrong")
+        if mu > 40.0:
+            raise ValueError(f"β·√M⁻¹ = {mu:.3g} > 40 (the paper's is 8): the covariance reaches the prior within "
+                             "a few % of t and R_t's ODE turns stiff; rescale time instead")
+        return self
+
+
+class CLDTeacherSpec(Model):
+    """A CLD score model trained by its own stage (`cld_teacher`): the suite's U-Net on the 2C channels of (x, v),
+    predicting gDDIM's ε (K_t = R_t) of both components (sferd/methods/cld_teacher.py)."""
+
+    kind: Literal["train"] = Field("train", description="`train`: the CLD teacher is trained by a pipeline stage.")
+    name: str = Field(
+        "cld",
+        description="Stage name stem (`<dataset>-<name>-teacher`): CLD rows whose teachers have the same name share "
+        "one stage, and must then have identical settings.",
+    )
+    model: UNetSpec = Field(
+        description="The U-Net on the augmented state (input and output 2C channels). gDDIM's network is NCSN++ "
+        "\"deep\" (8 res-blocks per level, 128 ch, mult 1,2,2,2, attention at 16), which the suite does not have: a "
+        "deviation every spec using it must state."
+    )
+    process: CLDProcessSpec = Field(default_factory=CLDProcessSpec, description="The CLD constants.")
+    mixed_score: bool = Field(
+        True,
+        description="CLD's mixed score (Dockhorn et al., ICLR 2022, §3.2): the network's output is added to the exact "
+        "ε of N(0, I) data, so it learns the residual; without it, short-trained models make the marginally stable "
+        "backward flow diverge (sferd/methods/cld_teacher.py).",
+    )
+    updates: int = Field(gt=0, le=MAX_UPDATES, description="Optimiser updates (gDDIM CIFAR-10: about 1M).")
+    batch_size: int = Field(gt=0, le=MAX_BATCH, description="Images per update (gDDIM CIFAR-10: 128).")
+    lr: float = Field(gt=0.0, le=1.0, description="Adam learning rate after warm-up (gDDIM CIFAR-10: 2e-4).")
+    warmup_updates: int = Field(0, ge=0, le=MAX_UPDATES, description="Linear warm-up length (gDDIM CIFAR-10: 5000).")
+    ema_decay: float = Field(0.9999, ge=0.0, lt=1.0, description="EMA of weights; the EMA is sampled (gDDIM: 0.9999).")
+    grad_clip_norm: float = Field(1.0, gt=0.0, le=1e6, description="Global gradient-norm clip (not recovered: project choice).")
+    checkpoint_every_updates: int = Field(
+        500, gt=0, le=MAX_UPDATES, description="Write the resumable training state this often (a killed stage resumes)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_stem(v)
+
+    def stage_params(self) -> dict:
+        """What determines the teacher's weights (two rows with equal stage params share one stage)."""
+        return self.model_dump(mode="json", exclude={"kind", "name"})
+
+
+class CLDGDDIMSampler(Model):
+    kind: Literal["gddim"] = Field(description="gDDIM (Zhang, Tao & Chen, ICLR 2023): exponential integrator in ε, K_t = R_t.")
+    order: int = Field(
+        2, ge=0, le=3,
+        description="Multistep order q: Lagrange extrapolation through the last q+1 ε's (gDDIM's CLD CIFAR-10 "
+        "result: q = 2). Each evaluated NFE must take at least q+1 steps.",
+    )
+
+
+class CLDEulerSampler(Model):
+    kind: Literal["euler"] = Field(
+        description="Plain explicit Euler on the CLD probability-flow ODE, same time grid and NFE (gDDIM's baseline)."
+    )
+
+
+CLDSampler = Annotated[Union[CLDGDDIMSampler, CLDEulerSampler], Field(discriminator="kind")]
+
+# The VP teacher of a spec cannot be sampled as a CLD model: it sees C channels, not (x, v), and predicts VP ε.
+_CLD_TEACHER_HINT = ("a CLD row samples a CLD teacher (a U-Net on the (x, v) state, trained by the `cld_teacher` "
+                     "stage): write a `teacher:` block with model, updates, batch_size, lr")
+
+
+class CLDMethod(Model):
+    """gDDIM on critically-damped Langevin diffusion: a CLD teacher trained by its own stage, sampled with gDDIM of
+    order q or plain Euler at every `evaluation.student_steps` count (= NFE). Not a distillation chain."""
+
+    kind: Literal["cld"] = Field(description="Method discriminator: a CLD teacher and its sampler.")
+    name: str = Field(description="Row id in tables and stage names ([a-z0-9-]).")
+    label: str = Field(min_length=1, max_length=80, description="Row label in rendered tables.")
+    teacher: CLDTeacherSpec = Field(description="The CLD teacher this row samples (rows with the same teacher name share its stage).")
+    sampler: CLDSampler = Field(description="`gddim` with an `order`, or `euler`.")
+    steps: list[Annotated[int, Field(ge=1, le=MAX_STEPS)]] | None = Field(
+        None, min_length=1, max_length=MAX_LIST,
+        description="NFEs this row is evaluated at (null: evaluation.student_steps), e.g. only those its gDDIM order "
+        "can reach, or the larger NFEs a CLD sampler needs beside few-step students.",
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("step counts repeat")
+        return v
+
+    def nfes(self, evaluation: "EvaluationSpec") -> list[int]:
+        """The NFEs this row is evaluated at."""
+        return list(self.steps) if self.steps is not None else list(evaluation.student_steps)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        _check_stem(v)
+        if v in RESERVED_METHOD_NAMES:
+            raise ValueError(f"{v!r} is the name of a fixed stage (<dataset>-{v}): choose another method name")
+        return v
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _not_vp(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            raise ValueError(f"{echo(v)}: the spec's teacher is a VP model (C channels, VP ε or x̂₀); {_CLD_TEACHER_HINT}")
+        kind = v.get("kind") if isinstance(v, dict) else None
+        if kind == "external":
+            raise ValueError("an external checkpoint cannot be a CLD teacher: the suite imports VP teachers only "
+                             f"(`teacher_import` checks a C-channel U-Net); {_CLD_TEACHER_HINT}")
+        return v
+
+
+# Later methods join this union; the discriminator keeps errors precise.
+Method = Annotated[Union[PDMethod, SferdPDMethod, SolverMethod, CLDMethod, CfdMethod],
+                   Field(discriminator="kind")]
 
 
 # --------------------------------------------------------------------------------------------- evaluation

@@ -55,7 +55,7 @@ def _reference_images(reference: dict, ref_sha256: str) -> np.ndarray:
     return split.images
 
 
-SAMPLED = ("model", "sferd")  # sources drawn from a model: the part a sharded launch splits across ranks
+SAMPLED = ("model", "sferd", "cld")  # sources drawn from a model: the part a sharded launch splits across ranks
 SOURCES = SAMPLED + ("heldout", "noise")
 
 
@@ -111,7 +111,9 @@ def _sample_shard(params: dict, seeds: np.ndarray, label: str, make_sampler, pro
     num_classes = model_cfg.get("num_classes")
     batches = shard_slices(len(seeds), params["sample_batch_size"], proc.rank, proc.world_size)
     # empty leaders: a rank may get no batch at all (more ranks than batches) and still sends well-shaped arrays
-    images, labels = [np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)], [np.zeros(0, np.int64)]
+    # the images' shape, not the network's input's (a CLD network sees 2C channels and yields C-channel images)
+    c, h, w = params["image_shape"]
+    images, labels = [np.zeros((0, h, w, c), np.uint8)], [np.zeros(0, np.int64)]
     positions = [np.zeros(0, np.int64)] + [np.arange(b.start, b.stop, dtype=np.int64) for b in batches]
     # one bar, rank 0's: N processes drawing over each other would help nobody, and the shares differ by ≤ 1 batch
     progress = Progress(f"{label} [rank 0 of {proc.world_size}]" if proc.sharded else label,
