@@ -223,7 +223,7 @@ def _homes(specs, *, strict: bool = True) -> list[tuple[str, object]]:
 
 
 # stage kinds whose names start with a method's name (a clash is located at that method)
-METHOD_STAGE_KINDS = ("distill", "predictor", "prior", "fid", "fid_sferd", "fid_solver", "dode_calibration",
+METHOD_STAGE_KINDS = ("distill", "distill_cfd", "predictor", "prior", "fid", "fid_sferd", "fid_solver", "dode_calibration",
                       "fid_cld", "classifier")
 
 

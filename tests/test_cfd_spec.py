@@ -66,7 +66,8 @@ def _graph(path: Path):
 
 def test_pd_stages_keep_their_params_and_cfd_shares_only_the_plain_halvings(tmp_path):
     quick = _graph(ROOT / "specs/quickstart.yaml")
-    g = _graph(_spec(tmp_path, PD + _method("cfd") + _method("cfd-b", tau="0.5", beta="0.01", gamma="0.75")))
+    g = _graph(_spec(tmp_path, PD + _method("cfd") + _method("cfd-b", tau="0.5", beta="0.01", gamma="0.75",
+                                                                         extra="    coverage_group_size: 16\n")))
     for steps in (8, 4, 2, 1):
         name = f"digits-pd-s{steps:04d}"
         assert g[name].params == quick[name].params and g[name].deps == quick[name].deps
@@ -85,11 +86,13 @@ def test_pd_stages_keep_their_params_and_cfd_shares_only_the_plain_halvings(tmp_
                                      "pretrained": False, "width": 32, "feature_dim": 64}
     assert cls.params["seed"] == 7 and "weights" not in cls.params  # its own seed, never the FID network's file
     assert cls.deps == ("results/digits-data",)
-    for name, tau, beta, gamma in (("digits-cfd-s0001", 0.9, 0.0, None), ("digits-cfd-b-s0002", 0.5, 0.01, 0.75)):
+    for name, tau, beta, gamma, group in (("digits-cfd-s0001", 0.9, 0.0, None, None),
+                                          ("digits-cfd-b-s0002", 0.5, 0.01, 0.75, 16)):
         st = g[name]
+        assert st.kind == st.params["kind"] == "distill_cfd"  # its own runner: plain halvings never import CFD
         assert st.params["cfd"] == {"classifier": {"checkpoint": "results/digits-cfd-classifier/classifier.pt",
                                                    "network": cls.params["network"]},
-                                    "temperature": tau, "beta": beta, "gamma": gamma, "coverage_group_size": None}
+                                    "temperature": tau, "beta": beta, "gamma": gamma, "coverage_group_size": group}
         assert "results/digits-cfd-classifier" in st.deps
     # the stage list is a valid run order: the classifier comes before the halvings that read it
     order = list(g)
@@ -181,7 +184,8 @@ def test_a_cifar_classifier_on_digits_is_refused_where_it_is_named(tmp_path, arc
 def test_a_pretrained_classifier_on_grey_digits_is_refused(tmp_path):
     pre = ("    classifier:\n      architecture: pretrained\n      base: resnet18\n      path: w/resnet18.pth\n"
            f"      sha256: {'a' * 64}\n")
-    path = _spec(tmp_path, PD + _method("cfd", beta="0.01", gamma="0.5", classifier=pre))
+    path = _spec(tmp_path, PD + _method("cfd", beta="0.01", gamma="0.5", classifier=pre,
+                                             extra="    coverage_group_size: 16\n"))
     errs = _errors(path)
     assert any((l, c) == _pos(path, "pretrained") and "takes RGB images" in m for l, c, m in errs), errs
     assert any("methods.1.classifier.num_classes" in m and "1000" in m for _, _, m in errs), errs
@@ -202,9 +206,13 @@ def test_a_temperature_that_is_not_positive_is_refused(tmp_path, tau, needle):
 
 
 def test_beta_without_gamma_and_a_group_that_does_not_divide_the_batch(tmp_path):
-    path = _spec(tmp_path, PD + _method("cfd", beta="0.003"))
+    path = _spec(tmp_path, PD + _method("cfd", beta="0.003", extra="    coverage_group_size: 16\n"))
     [(_, _, msg)] = _errors(path)
     assert "beta > 0 needs gamma" in msg
+    # the whole batch as one coverage group would make the run depend on the process count: a group size is required
+    path = _spec(tmp_path, PD + _method("cfd", beta="0.003", gamma="0.75"))
+    [(line, col, msg)] = _errors(path)
+    assert (line, col) == _pos(path, "0.003", "beta") and "beta > 0 needs coverage_group_size" in msg
     path = _spec(tmp_path, PD + _method("cfd", beta="0.003", gamma="0.75", extra="    coverage_group_size: 48\n"))
     [(line, col, msg)] = _errors(path)
     assert (line, col) == _pos(path, "48") and "coverage groups of 48 must divide the batch of 64" in msg

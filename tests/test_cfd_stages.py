@@ -49,6 +49,7 @@ def cfd_workspace(tmp_path: Path) -> dict:
                     "train_log": "results/metrics/x-classifier-train.tsv"},
     }
     cfd = json.loads(json.dumps(params["x-pd-s0002"]))
+    cfd["kind"] = "distill_cfd"  # a CFD halving's own runner (graph._halving)
     cfd["cfd"] = {"classifier": {"checkpoint": "results/x-classifier/classifier.pt", "network": NETWORK},
                   "temperature": 0.9, "beta": 0.1, "gamma": 0.5, "coverage_group_size": 5}
     cfd["outputs"] = {"dir": "results/x-cfd-s0002", "metrics": "results/metrics/x-cfd-s0002.json"}

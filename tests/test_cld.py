@@ -281,3 +281,34 @@ def test_order3_on_gaussian_data_beats_order2_as_steps_grow(cld):
     err = {q: [(CLDGDDIM(process=cld, order=q).sample_state(model, xi, n) - ref).abs().max().item() for n in (32, 64)]
            for q in (2, 3)}
     assert err[3][0] < err[2][0] and err[3][1] < 0.7 * err[2][1] and err[3][1] < err[3][0] / 4, err
+
+
+def test_cld_training_time_never_falls_below_t_min_in_the_networks_dtype():
+    """A draw U = 0 gives t = t_min, and float32(0.01) < 0.01: the loss must use the next float32 up (the same t for
+    the perturbation, the matrices and the network), not fail in CLD.R, which refuses times below t_min."""
+    from sferd.methods.cld_teacher import cld_teacher_loss
+
+    assert float(torch.tensor(0.01, dtype=torch.float32)) < 0.01  # the case this test is about
+    proc = CLD(t_min=0.01, m_inv=M_INV, beta=BETA, gamma=GAMMA)
+    seen = []
+
+    class ZeroDraws:  # U = 0 for every sample, fixed ε
+        def rand(self):
+            return torch.zeros(3)
+
+        def randn(self, *shape):
+            return torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, u, t, y):
+            seen.append(t.clone())
+            return u * self.w
+
+    for mixed in (False, True):
+        loss = cld_teacher_loss(Net(), proc, torch.zeros(3, 1, 2, 2), ZeroDraws(), mixed=mixed)
+        assert torch.isfinite(loss).all()
+    assert all(float(v) >= 0.01 and v.dtype == torch.float32 for t in seen for v in t)

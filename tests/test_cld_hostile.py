@@ -81,3 +81,10 @@ def test_a_rows_own_steps_and_the_order_checked_against_them(repo):
     assert r.exit_code == 0, r.output
     bad = ok.replace("order: 3}, steps: [4, 8, 16]", "order: 3}, steps: [8, 3]")
     _refused(repo, bad, _at(bad, "3}, steps: [8, 3]", "order: "), "at 3 NFE (methods.3.steps.1)")
+
+
+def test_heads_that_do_not_split_the_cld_unets_attention_channels(repo):
+    """The CLD U-Net gets the VP teacher's U-Net checks (one helper): heads that do not divide an attention block's
+    channels are refused at the field, not met as a traceback when the teacher stage builds the network."""
+    text = CLD.replace("        norm_groups: 4\n", "        norm_groups: 4\n        num_heads: 3\n", 1)
+    _refused(repo, text, _at(text, "3", "num_heads: "), "num_heads=3 must divide the 16 channels")

@@ -300,3 +300,16 @@ def test_runner_refuses_params_its_digest_does_not_describe(tmp_path, monkeypatc
     except ModuleNotFoundError as e:
         assert "nothing-that-exists" in str(e)
     assert "disagree" not in capsys.readouterr().err
+
+
+def test_plain_stages_do_not_depend_on_the_peer_methods_code():
+    """Code deps follow imports: PD/SFERD halvings and the DDIM FID stages must not import CFD, D-ODE, gDDIM or CLD
+    code, or an edit of a peer method would re-run every paper-scale halving and 50k-sample FID."""
+    _, _, files = _compile("specs/quickstart-peers.yaml")
+    code = json.loads(files["stages/quickstart-peers/params.json"])[FINGERPRINT_STAGE]["stage_code"]
+    peers = ("sferd/methods/cfd.py", "sferd/nn/classifiers.py", "sferd/diffusion/dode.py", "sferd/diffusion/gddim.py",
+             "sferd/diffusion/cld.py", "sferd/diffusion/samplers.py", "sferd/methods/cld_teacher.py")
+    for kind in ("teacher", "distill", "predictor", "prior", "fid", "fid_sferd"):
+        assert not set(peers) & set(code[kind]), (kind, sorted(set(peers) & set(code[kind])))
+    assert "sferd/methods/cfd.py" in code["distill_cfd"] and "sferd/diffusion/dode.py" in code["fid_solver"]
+    assert "sferd/diffusion/cld.py" in code["fid_cld"]

@@ -53,7 +53,8 @@ import torch
 from sferd.diffusion.sampler import ddim_step
 from sferd.diffusion.gddim import coefficients as gddim_coefficients
 from sferd.diffusion.gddim import gddim_step
-from sferd.diffusion.samplers import _tfull, predict, register, time_grid
+from sferd.diffusion.basic_samplers import _tfull, predict, time_grid
+from sferd.diffusion.samplers import register
 from sferd.diffusion.schedule import alpha_sigma, logsnr
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]

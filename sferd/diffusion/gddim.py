@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from sferd.diffusion.sampler import ddim_step
-from sferd.diffusion.samplers import _tfull, predict, register, time_grid
+from sferd.diffusion.basic_samplers import _tfull, predict, time_grid
+from sferd.diffusion.samplers import register
 from sferd.diffusion.schedule import alpha_sigma, logsnr
 from sferd.diffusion.schedule_calculus import time_from_logsnr
 

@@ -113,9 +113,15 @@ def perturb(process: CLD, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) 
 def cld_teacher_loss(net: torch.nn.Module, process: CLD, x0: torch.Tensor, draws: Draws,
                      y: torch.Tensor | None = None, *, mixed: bool = False) -> torch.Tensor:
     """Per-sample loss (B,) of the module docstring; t and ε from each sample's draws (t first, then ε)."""
-    # float64 times: the matrices are evaluated at exactly the t the network sees (as float32), never below t_min
-    t = (process.t_min + (1.0 - process.t_min) * draws.rand().double()).clamp(process.t_min, 1.0)
+    # One time per sample, in the network's dtype: perturbation, matrices and network all see exactly this value,
+    # which is never below t_min (the float nearest to t_min may lie below it: then the next one up is used; CLD.R
+    # refuses times below t_min).
+    t = (process.t_min + (1.0 - process.t_min) * draws.rand().double()).to(x0.dtype)
+    floor = torch.tensor(process.t_min, dtype=x0.dtype)
+    if float(floor) < process.t_min:
+        floor = torch.nextafter(floor, torch.tensor(2.0, dtype=x0.dtype))
+    t = torch.maximum(t, floor.to(t.device)).clamp(max=1.0)
     eps = draws.randn(2, *x0.shape[1:])
-    u = perturb(process, x0, t, eps).to(x0.dtype)
-    pred = EpsModel(net, process=process, mixed=mixed)(u, t.to(x0.dtype), y)
+    u = perturb(process, x0, t.double(), eps).to(x0.dtype)
+    pred = EpsModel(net, process=process, mixed=mixed)(u, t, y)
     return (pred.float() - eps).pow(2).flatten(1).mean(1)

@@ -47,7 +47,7 @@ import torch
 from sferd.diffusion.denoiser import Denoiser
 from sferd.diffusion.losses import weighted_x_mse
 from sferd.diffusion.parameterization import to_x0_eps
-from sferd.diffusion.samplers import make_sampler
+from sferd.diffusion.basic_samplers import DDIM  # not the registry: see basic_samplers
 from sferd.diffusion.schedule import alpha_sigma, broadcast, logsnr, time_input
 from sferd.methods.draws import Draws
 from sferd.methods.pd import pd_target, sample_training_point
@@ -189,4 +189,4 @@ def sample_sferd(
     denoiser = ShiftedStudent(predictor=predictor, student=student, parameterization=parameterization, z=z,
                               num_steps=num_steps, cutoff_fraction=cutoff_fraction,
                               shift_parameterization=shift_parameterization)
-    return make_sampler("ddim", clip=True)(denoiser, noise, num_steps, y=y)
+    return DDIM(clip=True)(denoiser, noise, num_steps, y=y)

@@ -240,7 +240,7 @@ def stage_memory(params: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str,
     kind = params.get("kind")
     if kind in ("teacher", "cld_teacher"):  # a CLD teacher is the same U-Net on 2C channels
         return params["model"], int(params["training"]["batch_size"]), None
-    if kind == "distill":
+    if kind in ("distill", "distill_cfd"):  # a CFD halving also holds a classifier: not counted (see plan)
         return params["model"], int(params["training"]["batch_size"]), params["teacher"]["model"]
     return None
 

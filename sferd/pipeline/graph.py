@@ -514,7 +514,8 @@ def build_graph(spec: Spec, *, spec_path: str) -> list[Stage]:
     return [with_training_log(s) for s in stages]
 
 
-TRAINING_KINDS = frozenset({"features", "teacher", "distill", "predictor", "prior", "cld_teacher", "classifier"})
+TRAINING_KINDS = frozenset({"features", "teacher", "distill", "distill_cfd", "predictor", "prior", "cld_teacher",
+                            "classifier"})
 
 
 def training_log_path(name: str) -> str:
@@ -628,11 +629,14 @@ def _halving(
     teacher_passes = 2 if guidance is None else 4  # guidance: a second pass per teacher evaluation
     d = stage_dir(name)
     updates = method.updates_for(steps)
+    # a CFD halving has its own runner (distill_cfd), so plain halvings do not depend on the CFD code: an edit of the
+    # classifier loss must not re-run every PD and SFERD halving (code deps follow a kind's imports)
+    kind = "distill_cfd" if cfd is not None else "distill"
     return Stage(
         name=name,
-        kind="distill",
+        kind=kind,
         params={
-            "kind": "distill",
+            "kind": kind,
             "seed": seed,
             "precision": spec.precision,
             "dataset": spec.dataset.model_dump(mode="json", exclude={"source"}),

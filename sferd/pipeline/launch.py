@@ -25,7 +25,7 @@ import sys
 # Kinds whose stage code is data-parallel under torchrun (training stages refuse WORLD_SIZE > 1 themselves until
 # they are); every other kind (data, reference, render, teacher_import, or one this list does not know yet) runs
 # in one process whatever the settings say, on every node.
-SHARDABLE = frozenset({"teacher", "distill", "predictor", "prior", "features", "fid", "fid_sferd",
+SHARDABLE = frozenset({"teacher", "distill", "distill_cfd", "predictor", "prior", "features", "fid", "fid_sferd",
                        "fid_solver", "dode_calibration", "cld_teacher", "fid_cld", "classifier"})
 RUNNER = "sferd.pipeline.run"
 TORCHRUN_MODE = "--torchrun"  # internal: this module as torchrun with one-line failures (see `torchrun_main`)

@@ -55,7 +55,7 @@ def _check_digest(params_path: Path, stage: str, params: dict) -> None:
 
 # Stage kinds that run data-parallel under torchrun (the training engine, sharded FID sampling). The others are
 # short single-process jobs; under torchrun every rank would run them whole and race on their outputs.
-SHARDABLE = frozenset({"teacher", "distill", "predictor", "prior", "features", "fid", "fid_sferd",
+SHARDABLE = frozenset({"teacher", "distill", "distill_cfd", "predictor", "prior", "features", "fid", "fid_sferd",
                        "fid_solver", "dode_calibration", "cld_teacher", "fid_cld", "classifier"})
 
 

@@ -84,6 +84,12 @@ def _check_cfd(spec: Spec, m: int, method: CfdMethod) -> list[Problem]:
                                for k, steps in enumerate(method.cfd_student_steps) if steps not in chain]
     if method.beta > 0 and method.gamma is None:
         halvings.append((("methods", m, "beta"), "beta > 0 needs gamma (the entropy/coverage mix of the dataset term)"))
+    if method.beta > 0 and method.coverage_group_size is None:
+        # the whole batch as one group works on one process only: with more, or with micro-batches, a rank holds
+        # part of the group and the stage stops; the same spec must run unchanged on any number of processes
+        halvings.append((("methods", m, "beta"), "beta > 0 needs coverage_group_size (the class-coverage term is "
+                         "taken over groups of that many samples, each held whole by one process and micro-batch, "
+                         "so the result and the run do not depend on how the batch is split; RCFD: its per-GPU batch)"))
     return halvings + _check_classifier(spec, m, method)
 
 
@@ -115,6 +121,33 @@ def _check_classifier(spec: Spec, m: int, method: CfdMethod) -> list[Problem]:
     return []
 
 
+def unet_problems(model: UNetSpec, res: int, where: tuple) -> list[Problem]:
+    """A U-Net (VP or CLD teacher) fits the image size: levels divide the resolution, attention sits at a level, and
+    the heads split the channels of every attention block (the listed levels and the middle block, the deepest
+    level); the U-Net refuses anything else when a stage builds it, which would be a traceback after compile."""
+    problems: list[Problem] = []
+    levels = model.resolutions(res)
+    if res % 2 ** (len(model.channel_mult) - 1):
+        problems.append(((*where, "channel_mult"), f"{len(model.channel_mult)} levels need the resolution ({res}) "
+                         f"divisible by {2 ** (len(model.channel_mult) - 1)}"))
+    for k, r in enumerate(model.attention_resolutions):
+        if r not in levels:
+            problems.append(((*where, "attention_resolutions", k),
+                             f"the U-Net has no {r}×{r} level at {res}×{res} input (levels: {levels})"))
+    attn_levels = {k for k, r in enumerate(levels) if r in model.attention_resolutions} | {len(levels) - 1}
+    for k in sorted(attn_levels):
+        ch = model.base_channels * model.channel_mult[k]
+        if model.head_channels is not None and ch % model.head_channels:
+            problems.append(((*where, "head_channels"), f"head_channels={model.head_channels} must divide the {ch} "
+                             f"channels of the attention block at {levels[k]}×{levels[k]}"))
+            break
+        if model.head_channels is None and ch % model.num_heads:
+            problems.append(((*where, "num_heads"), f"num_heads={model.num_heads} must divide the {ch} channels of "
+                             f"the attention block at {levels[k]}×{levels[k]}"))
+            break
+    return problems
+
+
 def _check_cld(spec: Spec, m: int, method: CLDMethod, teachers: dict[str, int]) -> list[Problem]:
     """A CLD row: its U-Net fits the data, its gDDIM order is reached at every evaluated NFE, and a teacher name
     shared with an earlier row means the same teacher."""
@@ -122,14 +155,7 @@ def _check_cld(spec: Spec, m: int, method: CLDMethod, teachers: dict[str, int]) 
     res = spec.dataset.resolution
     model = method.teacher.model
     where = ("methods", m, "teacher", "model")
-    if res % 2 ** (len(model.channel_mult) - 1):
-        problems.append(((*where, "channel_mult"), f"{len(model.channel_mult)} levels need the resolution ({res}) "
-                         f"divisible by {2 ** (len(model.channel_mult) - 1)}"))
-    levels = model.resolutions(res)
-    for k, r in enumerate(model.attention_resolutions):
-        if r not in levels:
-            problems.append(((*where, "attention_resolutions", k),
-                             f"the U-Net has no {r}×{r} level at {res}×{res} input (levels: {levels})"))
+    problems.extend(unet_problems(model, res, where))
     if model.class_conditional and spec.dataset.num_classes < 2:
         problems.append(((*where, "class_conditional"), f"{spec.dataset.id} has no class labels"))
     order = getattr(method.sampler, "order", None)
@@ -315,33 +341,7 @@ def check_spec(spec: Spec) -> list[Problem]:
     res = spec.dataset.resolution
     model = spec.teacher.model
 
-    levels = model.resolutions(res)
-    if res % 2 ** (len(model.channel_mult) - 1):
-        problems.append(
-            (("teacher", "model", "channel_mult"),
-             f"{len(model.channel_mult)} levels need the resolution ({res}) divisible by {2 ** (len(model.channel_mult) - 1)}")
-        )
-    for k, r in enumerate(model.attention_resolutions):
-        if r not in levels:
-            problems.append(
-                (("teacher", "model", "attention_resolutions", k),
-                 f"the U-Net has no {r}×{r} level at {res}×{res} input (levels: {levels})")
-            )
-    # the heads must split the channels of every attention block: the listed levels and the middle block (deepest
-    # level); the U-Net refuses anything else when a stage builds it, which would be a traceback after compile
-    attn_levels = {k for k, r in enumerate(levels) if r in model.attention_resolutions} | {len(levels) - 1}
-    for k in sorted(attn_levels):
-        ch = model.base_channels * model.channel_mult[k]
-        if model.head_channels is not None and ch % model.head_channels:
-            problems.append((("teacher", "model", "head_channels"),
-                             f"head_channels={model.head_channels} must divide the {ch} channels of the attention "
-                             f"block at {levels[k]}×{levels[k]}"))
-            break
-        if model.head_channels is None and ch % model.num_heads:
-            problems.append((("teacher", "model", "num_heads"),
-                             f"num_heads={model.num_heads} must divide the {ch} channels of the attention block at "
-                             f"{levels[k]}×{levels[k]}"))
-            break
+    problems.extend(unet_problems(model, res, ("teacher", "model")))
     digits = spec.dataset.id.startswith("digits-")
     if digits and spec.dataset.source is not None:
         problems.append((("dataset", "source"), "digits are embedded in scikit-learn: remove `source`"))

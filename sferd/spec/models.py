@@ -635,8 +635,8 @@ class CfdMethod(ChainFields):
     coverage_group_size: int | None = Field(
         None, gt=0, le=MAX_BATCH,
         description="Samples over which the class-coverage term's mean distribution p̄ is taken: consecutive groups "
-        "of the global batch (null: the whole batch). Each process and micro-batch must hold whole groups, so the "
-        "result does not depend on how the batch is split (RCFD: the per-GPU batch).")
+        "of the global batch; required when beta > 0, unused otherwise. Each process and micro-batch must hold whole "
+        "groups, so the result does not depend on how the batch is split (RCFD: the per-GPU batch).")
     classifier: Classifier = Field(description="The frozen classifier C (its own stage, shared by identical blocks).")
 
     @field_validator("cfd_student_steps")

@@ -1,6 +1,6 @@
 """Stage `distill`: one progressive-distillation halving (sferd-method.md §5; Salimans & Ho 2022), with the
-plain teacher (PD) or the attention-guided one (SFERD-PD, §6), or a CFD halving (params carry a `cfd` block: the
-PD target, the frozen classifier's loss in place of the pixel MSE; sferd/methods/cfd.py).
+plain teacher (PD) or the attention-guided one (SFERD-PD, §6). A CFD halving (stage `distill_cfd`) runs this same
+halving with its own loss in place of the pixel MSE (`batch_loss`).
 
 The student starts as a copy of its teacher (the teacher's EMA weights in the first halving, the previous
 student afterwards), with dropout 0 and a fresh Adam whose learning rate decays linearly to 0.
@@ -16,11 +16,12 @@ from sferd.util.artifacts import fresh_dir, torch_save, write_json
 from sferd.util.errors import StageError
 
 
-def run(name: str, params: dict) -> None:
+def run(name: str, params: dict, *, batch_loss=None) -> None:
+    """`batch_loss(params, student, teacher, device) -> loss(batch)`, when given, replaces PD's pixel loss (its
+    per-sample losses, as `pd_loss` returns them; CFD: sferd/pipeline/stages/distill_cfd.py)."""
     import torch
 
     from sferd.diffusion.denoiser import NetworkDenoiser
-    from sferd.methods.cfd import GroupError, cfd_loss
     from sferd.methods.guidance import teacher_denoiser
     from sferd.methods.pd import pd_loss
     from sferd.methods.training import ImageSource, Session, linear_to_zero
@@ -35,17 +36,9 @@ def run(name: str, params: dict) -> None:
         student_net.load_state_dict(teacher_net.state_dict())
         teacher = teacher_denoiser(teacher_net, params["parameterization"], params["guidance"])
         student = NetworkDenoiser(student_net, params["parameterization"])
-        cfd = params.get("cfd")
-        classifier = None
-        if cfd is not None:  # frozen, outside the loss module: DDP synchronises only what trains
-            from sferd.nn.classifiers import load_classifier
-
-            try:
-                classifier = load_classifier(cfd["classifier"]["checkpoint"],
-                                             expect=cfd["classifier"]["network"]).to(s.device)
-            except ValueError as e:
-                raise StageError(f"{e}; recompile the spec and re-run its classifier stage") from None
-            group = cfd["coverage_group_size"] or tr["batch_size"]
+        if (params.get("cfd") is not None) != (batch_loss is not None):
+            raise StageError(f"stage {name!r}: a CFD halving runs as kind distill_cfd; recompile with `sferd-spec compile`")
+        custom = batch_loss(params, student, teacher, s.device) if batch_loss is not None else None
 
         class Loss(torch.nn.Module):
             """Only the student is a submodule: DDP synchronises what trains; the frozen teacher stays outside."""
@@ -55,13 +48,8 @@ def run(name: str, params: dict) -> None:
                 self.student = student_net
 
             def forward(self, batch):
-                if classifier is not None:
-                    try:
-                        return cfd_loss(student, teacher, batch.x0, steps, batch.draws, classifier=classifier,
-                                        temperature=cfd["temperature"], beta=cfd["beta"], gamma=cfd["gamma"],
-                                        coverage_group_size=group, y=batch.y)
-                    except GroupError as e:
-                        raise StageError(str(e)) from None
+                if custom is not None:
+                    return custom(batch)
                 return pd_loss(student, teacher, batch.x0, steps, batch.draws, weighting=params["loss_weighting"],
                                y=batch.y)
 

@@ -89,7 +89,7 @@ def _sample_shard(params: dict, seeds: np.ndarray, label: str, make_sampler, pro
 
     from sferd.diffusion.denoiser import NetworkDenoiser
     from sferd.diffusion.sampler import per_sample_noise, to_uint8
-    from sferd.diffusion.samplers import make_sampler as family_sampler
+    from sferd.diffusion.basic_samplers import DDIM  # not the registry: see basic_samplers
     from sferd.util.progress import Progress
 
     src = params["source"]
@@ -103,7 +103,7 @@ def _sample_shard(params: dict, seeds: np.ndarray, label: str, make_sampler, pro
         sample = make_sampler(src, net, params["steps"])
     else:
         denoiser = NetworkDenoiser(net, src["parameterization"])
-        ddim = family_sampler("ddim", clip=True)  # x̂₀ clipped at every step (PD's eval_clip_denoised)
+        ddim = DDIM(clip=True)  # x̂₀ clipped at every step (PD's eval_clip_denoised)
 
         def sample(noise, seeds, y):
             return ddim(denoiser, noise, params["steps"], y=y)
