@@ -14,7 +14,6 @@ import json
 from typing import Any
 
 from sferd.pipeline.graph import GraphContext, Stage, metrics_path, stage_dir, steps_tag
-from sferd.spec.checks import solver_steps
 from sferd.spec.models import DODE_SAMPLERS, ORDERED_SAMPLERS, SolverMethod
 
 CALIBRATION_KIND = "dode_calibration"
@@ -68,7 +67,7 @@ def calibration_stage(ctx: GraphContext, method: SolverMethod, steps: int) -> St
 
 def build_solver(ctx: GraphContext, method: SolverMethod) -> None:
     t = ctx.spec.teacher
-    for steps in solver_steps(ctx.spec, method):
+    for steps in method.nfes(ctx.spec.evaluation):
         sampler: dict[str, Any] = {"name": method.sampler, "clip": CLIP}
         if method.sampler in ORDERED_SAMPLERS:
             sampler["order"] = method.order

@@ -176,18 +176,13 @@ def _check_cld(spec: Spec, m: int, method: CLDMethod, teachers: dict[str, int]) 
     return problems
 
 
-def solver_steps(spec: Spec, method: SolverMethod) -> list[int]:
-    """The NFEs a solver row is evaluated at."""
-    return list(method.steps) if method.steps is not None else list(spec.evaluation.student_steps)
-
-
 def _check_solver(spec: Spec, m: int, method: SolverMethod) -> list[Problem]:
     """Sampler/order/calibration combinations of a `kind: solver` row, at every NFE it is evaluated at (gDDIM of
     order q needs q earlier predictions to be reached: N ≥ q + 1 steps, as sferd.diffusion.gddim refuses otherwise;
     D-ODE's teacher must take more steps than the student, on a grid holding the student's times)."""
     at = ("methods", m)
     where = "this row's `steps`" if method.steps is not None else "evaluation.student_steps"
-    steps = solver_steps(spec, method)
+    steps = method.nfes(spec.evaluation)
     problems: list[Problem] = []
     if method.sampler in ORDERED_SAMPLERS:
         if method.order is None:
@@ -294,9 +289,7 @@ def stage_count(spec: Spec) -> int:
     per_seed = 0
     for method in spec.methods:
         if not isinstance(method, ChainFields):  # a sampler of the teacher: its FID stages and at most one more each
-            rows = (solver_steps(spec, method) if isinstance(method, SolverMethod)
-                    else method.nfes(ev) if isinstance(method, CLDMethod) else ev.student_steps)
-            per_seed += 2 * len(rows)
+            per_seed += 2 * len(method.nfes(ev))
             continue
         per_seed += len(method.student_steps()) + len(ev.student_steps)  # halvings, FID stages
         if isinstance(method, SferdPDMethod) and method.predictor is not None:

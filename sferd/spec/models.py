@@ -744,7 +744,23 @@ class DODECalibrationSpec(Model):
         return self.teacher_steps if self.teacher_steps is not None else steps * (self.factor or 0)
 
 
-class SolverMethod(Model):
+class SampledRow(Model):
+    """What the rows that sample a model without distilling it share (`kind: solver`, `kind: cld`): their own `steps`
+    (declared by each, with its own description), defaulting to `evaluation.student_steps`."""
+
+    @field_validator("steps", check_fields=False)
+    @classmethod
+    def _steps(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("step counts repeat")
+        return v
+
+    def nfes(self, evaluation: "EvaluationSpec") -> list[int]:
+        """The NFEs this row is evaluated at: its own `steps`, else the spec's student step counts."""
+        return list(self.steps) if self.steps is not None else list(evaluation.student_steps)
+
+
+class SolverMethod(SampledRow):
     """The spec's (VP) teacher sampled by a named sampler of the suite's family, no training (gDDIM rows, D-ODE's
     calibrated solvers): a table row that names a sampler and the model, at every evaluated NFE."""
 
@@ -785,12 +801,6 @@ class SolverMethod(Model):
                              "come from a `kind: cld` method)")
         return v
 
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and len(set(v)) != len(v):
-            raise ValueError("step counts repeat")
-        return v
 
     @property
     def base(self) -> str:
@@ -902,7 +912,7 @@ _CLD_TEACHER_HINT = ("a CLD row samples a CLD teacher (a U-Net on the (x, v) sta
                      "stage): write a `teacher:` block with model, updates, batch_size, lr")
 
 
-class CLDMethod(Model):
+class CLDMethod(SampledRow):
     """gDDIM on critically-damped Langevin diffusion: a CLD teacher trained by its own stage, sampled with gDDIM of
     order q or plain Euler at every `evaluation.student_steps` count (= NFE). Not a distillation chain."""
 
@@ -917,16 +927,7 @@ class CLDMethod(Model):
         "can reach, or the larger NFEs a CLD sampler needs beside few-step students.",
     )
 
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and len(set(v)) != len(v):
-            raise ValueError("step counts repeat")
-        return v
 
-    def nfes(self, evaluation: "EvaluationSpec") -> list[int]:
-        """The NFEs this row is evaluated at."""
-        return list(self.steps) if self.steps is not None else list(evaluation.student_steps)
 
     @field_validator("name")
     @classmethod
