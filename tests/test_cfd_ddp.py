@@ -16,6 +16,9 @@ from test_cfd_stages import cfd_workspace
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 TOL = 2e-5
+# ~50 s of torchrun start-ups and training: opt-in (`scripts/test -m slow`); the split independence of the CFD loss
+# itself is checked in the default suite (tests/test_cfd.py), the engine's DDP equality by tests/test_ddp.py
+pytestmark = pytest.mark.slow
 
 
 def _run(d: Path, stage: str, nproc: int) -> None:

@@ -140,7 +140,7 @@ def test_sharded_sampling_in_process_equals_one_process(tmp_path, kind):
     make_sampler = None
     if kind == "fid_sferd":
         src, make_sampler = _sferd_source(tmp_path, ckpt), fid_sferd.make_sampler
-    params = {"source": src, "steps": 2, "sample_batch_size": 3}
+    params = {"source": src, "steps": 2, "sample_batch_size": 3, "image_shape": [1, 8, 8]}  # as graph.py writes
     seeds = np.arange(5, 15, dtype=np.int64)  # 10 samples in 4 batches: uneven shares, a short last batch
     images, labels = fid._sample_model(params, seeds, "one", make_sampler)
     assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8 and images.std() > 0
