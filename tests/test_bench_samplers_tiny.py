@@ -3,27 +3,16 @@ for the training bench: one thread, because on shared cores OpenMP's spin-waitin
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-import torch
+from tiny_bench import run_tiny_bench
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ("ddim", "gddim (order 2)", "euler_pf", "d_ddim (K = 2)", "d_gddim (order 2, K = 2)", "gddim_cld (order 2)")
 
 
 def test_samplers_cost_runs_tiny():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "bench/samplers_cost.py", "--tiny"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=240)
-    assert r.returncode == 0, r.stdout + r.stderr
-    out = r.stdout
-    assert re.search(rf"^machine: torch {re.escape(torch.__version__)}, CPU .+, 1 thread, 1 process, fp32$", out,
-                     flags=re.M), out
-    assert "TINY configuration" in out and "batch 2, 4 steps" in out, out
+    out = run_tiny_bench("samplers_cost.py")
+    assert "batch 2, 4 steps" in out, out
     for name in SAMPLERS:
         m = re.search(rf"^{re.escape(name)} +([\d.]+) s/sample +([\d.]+)× DDIM +\(4 NFE\)$", out, flags=re.M)
         assert m and float(m[1]) > 0 and float(m[2]) > 0, (name, out)
@@ -35,14 +24,8 @@ def test_samplers_cost_runs_tiny():
 def test_dode_calibration_bench_runs_tiny():
     """bench/dode_calibration.py --tiny: the machine line, and per step count the stage's calibration time, the DDIM
     pass it is compared with (same run), their ratio and the network evaluations B·(K·N + 3N)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "bench/dode_calibration.py", "--tiny"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=240)
-    assert r.returncode == 0, r.stdout + r.stderr
-    out = r.stdout
-    assert re.search(rf"^machine: torch {re.escape(torch.__version__)}, CPU .+, 1 thread, 1 process, fp32$", out,
-                     flags=re.M), out
-    assert "TINY configuration" in out and "K = 2, calibration batch 4" in out, out
+    out = run_tiny_bench("dode_calibration.py")
+    assert "K = 2, calibration batch 4" in out, out
     for steps, evals in ((1, 4 * (2 + 3)), (2, 4 * (4 + 6))):
         m = re.search(rf"^ +{steps} +([\d.]+) +([\d.]+) +([\d.]+)× +{evals}$", out, flags=re.M)
         assert m and all(float(v) > 0 for v in m.groups()), (steps, out)
