@@ -198,7 +198,9 @@ def test_a_cfd_halving_the_chain_does_not_have_is_located_at_the_item(tmp_path):
     assert "no halving produces a 32-step student (chain: [8, 4, 2, 1])" in msg
 
 
-@pytest.mark.parametrize("tau, needle", [("0.0", "greater than 0"), ("-1.0", "greater than 0")])
+@pytest.mark.parametrize("tau, needle", [("0.0", "greater than or equal to 0.001"),
+                                         ("-1.0", "greater than or equal to 0.001"),
+                                         ("1.0e-320", "greater than or equal to 0.001")])
 def test_a_temperature_that_is_not_positive_is_refused(tmp_path, tau, needle):
     path = _spec(tmp_path, PD + _method("cfd", tau=tau))
     [(line, col, msg)] = _errors(path)
@@ -244,3 +246,30 @@ def test_a_cfd_method_is_named_cfd_by_default(tmp_path):
     text = _method("x").replace("    name: x\n    label: CFD x\n", "")
     spec = load_spec(_spec(tmp_path, PD + text))
     assert (spec.methods[1].name, spec.methods[1].label) == ("cfd", "CFD")
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("../../etc/passwd", "is not a local weights file"),
+    ('"${foo}.pth"', "is not a local weights file"),
+    ("http://evil.example/x.pth", "is not a local weights file"),
+    ('"w.pth\\ntouch /tmp/pwned"', "is not a local weights file"),
+    ("~/x.pth", "is not a local weights file"),
+    ("results/cifar10-pd-s0008/model.pt", "folder of stage outputs"),
+])
+def test_a_pretrained_weights_path_is_a_plain_local_file(tmp_path, value, needle):
+    """The path becomes a DVC dependency of the classifier stage: no traversal, URL, DVC variable, newline, or a
+    stage's output folder (found by a hostile run of the CLI). Absolute paths stay allowed (offline machines)."""
+    pre = ("    classifier:\n      architecture: pretrained\n      base: resnet18\n"
+           f"      path: {value}\n      sha256: {'a' * 64}\n")
+    path = _spec(tmp_path, PD + _method("cfd", classifier=pre))
+    errs = _errors(path)
+    assert any((l, c) == _pos(path, value, "path: ") and "classifier.path" in m and needle in m
+               for l, c, m in errs), errs
+
+
+def test_an_absolute_pretrained_weights_path_is_accepted():
+    from sferd.spec.models import PretrainedClassifierSpec
+
+    spec = PretrainedClassifierSpec(architecture="pretrained", base="resnet18", path="/data/w/resnet18-f37072fd.pth",
+                                    sha256="a" * 64)
+    assert spec.path == "/data/w/resnet18-f37072fd.pth"

@@ -32,6 +32,12 @@ EXTENDS_RE = re.compile(r"(?:(?:\.\.|[A-Za-z0-9_][A-Za-z0-9_.-]*)/)*[A-Za-z0-9_]
 # A versioned weights file committed to the repo (`features.weights.path`): repo-relative, plain file-name
 # characters, every segment starting with a letter, digit or `_` (so no `..`, no `.`, no absolute path), ending `.pt`.
 ASSET_PATH_RE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)*[A-Za-z0-9_][A-Za-z0-9_.-]*\.pt")
+# A local weights file that becomes a DVC dependency (`classifier.path` of a pretrained classifier): repo-relative or
+# absolute, plain file-name characters, every segment starting with a letter, digit or `_` (no `..`, no `.`, no `~`,
+# no URL, no `${`, which DVC would read as a variable), ending .pt or .pth.
+LOCAL_WEIGHTS_RE = re.compile(r"/?(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)*[A-Za-z0-9_][A-Za-z0-9_.-]*\.pth?")
+# Folders whose files are stage outputs or scratch state: a dependency there would add an edge no stage declares.
+GENERATED_ROOTS = ("results/", ".sferd/", "stages/", ".dvc/")
 # A weights version: becomes part of a file name (`<dataset-id>-digits-cnn-<version>.pt`) and of every FID metrics file.
 WEIGHTS_VERSION_RE = re.compile(r"[a-z0-9][a-z0-9.-]*")
 WEIGHTS_VERSION_MAX = 40
@@ -593,6 +599,18 @@ class PretrainedClassifierSpec(Model):
                       "torchvision's resnet18-f37072fd.pth; fetched by hand on a connected machine.")
     sha256: str = Field(description="SHA-256 of the file (64 lowercase hex digits).")
     num_classes: int = Field(1000, ge=2, le=100_000, description="Classes of the file's head (ImageNet: 1000).")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        # it reaches dvc.yaml as the classifier stage's dependency: a validator, not Field(pattern=), which searches
+        if not LOCAL_WEIGHTS_RE.fullmatch(v):
+            raise ValueError(f"{echo(v)} is not a local weights file: a repo-relative or absolute path of a .pt/.pth "
+                             "file in [A-Za-z0-9_.-] and `/`, no `..` or `.` segments, no `~`, no URL")
+        if v.startswith(GENERATED_ROOTS):
+            raise ValueError(f"{echo(v)} lies in a folder of stage outputs or generated files ({', '.join(GENERATED_ROOTS)}): "
+                             "keep fetched weights elsewhere, e.g. assets/")
+        return v
     input_resolution: int = Field(224, ge=8, le=1024, description="Images are upsampled (bilinear) to this size.")
 
     @field_validator("sha256")
@@ -625,7 +643,8 @@ class CfdMethod(ChainFields):
         min_length=1, max_length=MAX_LIST,
         description="Student step counts of the halvings trained with the CFD loss (RCFD: [4, 2, 1], the halvings "
         "8 → 4 down to 1); every other halving is plain PD.")
-    temperature: float = Field(gt=0.0, le=100.0, description="τ: the teacher's feature distribution is "
+    # at least 1e-3: a tinier τ (even a subnormal one passes gt=0) makes f_T/τ overflow and the loss NaN
+    temperature: float = Field(ge=1e-3, le=100.0, description="τ: the teacher's feature distribution is "
                                "softmax(f_T/τ); τ < 1 sharpens it (RCFD: 0.95 ResNet-18, 0.9 DenseNet-201).")
     beta: float = Field(ge=0.0, le=1e3, description="β, weight of the dataset-oriented term (RCFD's code flag "
                         "`--alpha`; RCFD: 0.003 ResNet-18, 0 DenseNet-201). 0: feature term only.")
