@@ -177,3 +177,105 @@ def test_table_of_older_results_renders_machine_not_recorded(tmp_path):
     text = render_markdown(table_context("spec.yaml", TABLE, rows, [], root=tmp_path))
     assert "- Measured on: machine not recorded (1 metrics file written before the suite recorded it)\n" in text
     assert "| PD | 3.00 | missing |" in text
+
+
+# ------------------------------------------------------------------ spec text inside Markdown tables, links, plots
+
+
+def _gfm_cells(line: str) -> list[str]:
+    """A GFM table row split into its cells the way GitHub does: a backslash escapes the character after it (so
+    `\\|` is no column boundary), the outer pipes delimit the row. Each cell as displayed: `\\|` → `|` (GFM's pipe
+    unescaping, before inline parsing), then `\\` + ASCII punctuation → that character (Markdown escapes)."""
+    assert line.startswith("|") and line.endswith("|"), line
+    cells, cur, i = [], "", 1
+    while i < len(line):
+        c = line[i]
+        if c == "\\" and i + 1 < len(line):
+            cur += line[i:i + 2]
+            i += 2
+            continue
+        if c == "|":
+            cells.append(cur)
+            cur = ""
+        else:
+            cur += c
+        i += 1
+    assert cur == "", line
+    out = []
+    for cell in cells:
+        j, kept = 0, ""
+        while j < len(cell):  # GFM drops the backslash of each `\|`, scanning left to right
+            if cell[j] == "\\" and cell[j + 1:j + 2] == "|":
+                j += 1
+            kept += cell[j]
+            j += 1
+        out.append(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", kept).strip())
+    return out
+
+
+HOSTILE_LABELS = ["A | B", "a\\|b", "ends with \\", "|", "x]y[z", "back\\\\|slashes"]
+
+
+def test_pipes_in_spec_text_never_add_a_column(tmp_path):
+    """Every row of every table keeps its header's column count, and every cell shows the spec's text as written."""
+    rows = [{"row": f"m{k}", "label": label, "steps": 1, "seed": 0,
+             "metrics": write_metrics(tmp_path, f"m{k}", fid=3.0, nfe=1)} for k, label in enumerate(HOSTILE_LABELS)]
+    rows.append({"row": "heldout", "label": "held | out", "steps": None, "metrics": write_metrics(tmp_path, "h", fid=1.0)})
+    reported = [{"system": f"paper {label}", "method": "m0", "source": f"src {label}", "values": {1: 2.0, 2: None},
+                 "reason": f"why {label}"} for label in HOSTILE_LABELS]
+    text = render_markdown(table_context("spec.yaml", {"id": "t", "title": "T | U"}, rows, reported, root=tmp_path))
+    table, widths, shown = None, {}, []
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            table = None
+            continue
+        cells = _gfm_cells(line)
+        if table is None:
+            table = line
+            widths[table] = len(cells)
+        assert len(cells) == widths[table], (line, cells)
+        shown.append(cells)
+    firsts = [c[0] for c in shown]
+    for label in HOSTILE_LABELS:
+        assert label in firsts  # the FID table's row label, as written
+        assert f"paper {label}" in firsts  # the reported block and the comparison
+        assert [f"src {label} (why {label})"] in [c[-1:] for c in shown]
+        assert [f"src {label}"] in [c[-1:] for c in shown]
+    assert "held | out" in firsts
+    assert text.startswith("# T | U\n")  # a heading is no table row: left as written
+
+
+def test_line_breaks_in_spec_text_never_end_a_row_or_the_heading(tmp_path):
+    """The spec models refuse line breaks; the renderer stays safe without them (params edited by hand)."""
+    rows = [{"row": "pd", "label": "PD\n| 0.01 | forged |", "steps": 1, "seed": 0,
+             "metrics": write_metrics(tmp_path, "pd", fid=3.0, nfe=1)}]
+    text = render_markdown(table_context("spec.yaml", {"id": "t", "title": "T\n# forged heading"}, rows, [], root=tmp_path))
+    assert text.startswith("# T # forged heading\n")
+    assert "| PD \\| 0.01 \\| forged \\| | 3.00 |\n" in text
+    assert "\n| 0.01" not in text and "\n# forged" not in text
+
+
+def test_sample_grid_links_keep_their_brackets_inside_the_link_text(tmp_path):
+    rows = [{"row": "pd", "label": "PD [v2] ]", "steps": 1, "seed": 0,
+             "metrics": write_metrics(tmp_path, "pd", fid=3.0, nfe=1)}]
+    ctx = table_context("spec.yaml", TABLE, rows, [], root=tmp_path)
+    ctx["figures"] = {"plot": "t-fid.png", "grids_dir": "t-samples",
+                      "grids": [{"label": "PD [v2] ]", "steps": 1, "seed": 0, "path": "pd.png"},
+                                {"label": "held-out \\", "steps": None, "seed": None, "path": "h.png"}]}
+    text = render_markdown(ctx)
+    assert "\n[PD \\[v2\\] \\], 1 step](t-samples/pd.png) ·\n" in text
+    # a backslash ending the text would escape the link's closing bracket
+    assert "\n[held-out \\\\](t-samples/h.png)\n" in text
+
+
+def test_dollar_signs_in_plot_labels_are_text_not_mathtext(tmp_path):
+    """A `$…$` in a row label or title was parsed as mathtext: `$\\frac{$` stopped the render stage."""
+    import pandas as pd
+
+    from sferd.report.figures import plain_text, write_fid_plot
+
+    series = pd.DataFrame({"model": ["cost $\\frac{$", "$5"], "steps": [1, 2], "fid": [3.0, 2.0], "n": [1, 1]})
+    write_fid_plot(series, tmp_path / "f.png", tmp_path / "f.csv", "T $\\sqrt{$")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "f.csv").read_text().splitlines()[1] == "cost $\\frac{$,1,3.0,1"  # data keeps the label
+    assert plain_text("ψ = 1.0 (paper's best)") == "ψ = 1.0 (paper's best)"  # ordinary labels: unchanged

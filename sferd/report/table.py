@@ -21,6 +21,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 import sferd
 from sferd.metrics import keys
+from sferd.report import markdown
 
 MISSING = "missing"
 FID = keys.FID
@@ -343,4 +344,6 @@ def render_markdown(context: dict) -> str:
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    # spec text (labels, titles, sources) goes through these, so none of it can split a table row or a link
+    env.filters.update(one_line=markdown.one_line, cell=markdown.table_cell, link_text=markdown.link_text)
     return env.get_template("table.md.j2").render(**context)

@@ -616,22 +616,51 @@ def _discriminator_field(err: Mapping[str, Any]) -> str | None:
     return None
 
 
+# Pydantic errors that say "not a mapping" in Python's words ("a valid dictionary or instance of TeacherSpec": the
+# model's class name, which a spec never shows). Said in YAML's words, with what was written instead.
+_NOT_A_MAPPING = ("model_type", "model_attributes_type", "dict_type")
+
+
+def _written_as(node: Any) -> str | None:
+    """What kind of YAML value `node` is, in a spec writer's words (None for a mapping)."""
+    if isinstance(node, Mapping):
+        return None
+    if isinstance(node, (list, CommentedSeq)):
+        return "a list"
+    if node is None:
+        return "null"
+    if isinstance(node, bool):
+        return "a boolean"
+    if isinstance(node, (int, float)):
+        return "a number"
+    if isinstance(node, str):
+        return "a string"
+    return f"a {type(node).__name__}"
+
+
 def _issue_from_error(doc: Any, shown: str, err: Mapping[str, Any]) -> SpecIssue:
     loc: Loc = tuple(err["loc"])
     kind: str = err["type"]
     message = f"{err['msg']} [{kind}]"
 
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        # Pydantic reports these at the list item; the user has to fix the discriminator field itself,
-        # so name it: a bad value points at the value, an absent one is reported like a missing field.
-        field = _discriminator_field(err)
+    field = _discriminator_field(err)
+    if field is not None:
+        # A discriminated union's tag (Pydantic's union_tag_* errors, and the models' own UNKNOWN_CHOICE errors of
+        # unions whose tag a function picks). Pydantic reports these at the list item; the user has to fix the
+        # discriminator field itself, so name it: a bad value points at the value, an absent one is reported like a
+        # missing field.
         steps, _, _ = walk(doc, loc)
         node = steps[-1][0][steps[-1][1]] if steps else doc
-        if field is not None and isinstance(node, CommentedMap):
-            if kind == "union_tag_invalid" and field in node:
+        if isinstance(node, CommentedMap):
+            if kind != "union_tag_not_found" and field in node:
                 loc, kind = loc + (field,), "value_error"
             elif kind == "union_tag_not_found" and field not in node:
                 loc, kind = loc + (field,), "missing"
+    elif kind in _NOT_A_MAPPING:
+        steps, _, _ = walk(doc, loc)
+        written = _written_as(steps[-1][0][steps[-1][1]]) if steps else None
+        message = (f"Input should be a mapping (a block of `key: value` fields)"
+                   f"{', not ' + written if written else ''} [{kind}]")
 
     line, col, matched = _resolve(doc, loc, kind)
     last = len(loc) - 1
