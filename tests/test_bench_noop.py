@@ -1,5 +1,5 @@
-"""bench/noop_repro.py in its tiny configuration: it runs on the working tree (a clean clone in CI, where the
-root pipeline is not up to date: the bench uses `dvc repro --dry`, so it never runs a stage)."""
+"""bench/noop_repro.py in its tiny configuration, on the working tree: in CI a clean clone, whose outputs are in no
+DVC cache (the bench's `dvc repro --dry --allow-missing` runs no stage and must not stop at the first missing one)."""
 
 from __future__ import annotations
 
