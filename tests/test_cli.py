@@ -162,12 +162,12 @@ def test_results_index_is_current_and_detects_staleness(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("rendered", [False, True])
 def test_results_index_keeps_a_title_with_pipes_and_brackets_in_its_cell(tmp_path, monkeypatch, rendered):
-    """A spec's title is free text: a `|` in it must not add a column to results/README.md, a `]` must not end the
-    link to the table early."""
+    """A spec's title is free text: a `|` in it must not add a column to results/README.md, a `]` or a backtick
+    must not end the link to the table early, a `<` must not open HTML."""
     from sferd.cli import index_text
     from sferd.spec import load_spec
 
-    title = "Tiny | CIFAR ] 10 \\"
+    title = "Tiny | CIFAR ] `<b> 10 \\"
     text = (ROOT / "tests/specs/tiny.yaml").read_text().replace("  title: Tiny\n", f"  title: '{title}'\n")
     (tmp_path / "specs").mkdir()
     (tmp_path / "specs/tiny.yaml").write_text(text)
@@ -179,8 +179,11 @@ def test_results_index_keeps_a_title_with_pipes_and_brackets_in_its_cell(tmp_pat
     lines = index_text([(path, load_spec(path))]).splitlines()
     header = next(ln for ln in lines if ln.startswith("| table |"))
     [row] = [ln for ln in lines if ln.startswith("| ") and "specs/tiny.yaml" in ln]
-    unescaped = re.compile(r"(?<!\\)(?:\\\\)*\|")  # a pipe after an even run of backslashes splits the row
+    unescaped = re.compile(r"(?<!\\)\|")  # cmark-gfm: only a pipe not right after a backslash splits the row
     assert len(unescaped.findall(row)) == len(unescaped.findall(header)) == 8, row
-    # `\|` and `\]` escaped; the title's last backslash doubled, so it escapes nothing that follows it
-    shown = "Tiny \\| CIFAR \\] 10 \\\\" if rendered else "Tiny \\| CIFAR ] 10 \\\\"
+    # `\|` keeps the row's columns and `\]` the link's text; the title's last backslash doubled, so it shows and
+    # escapes nothing that follows it
+    # a `<` could open an HTML element that hides the rest of the page, a backtick (in a link) a code span reaching
+    # past the link
+    shown = "Tiny \\| CIFAR \\] \\`&lt;b> 10 \\\\" if rendered else "Tiny \\| CIFAR ] `&lt;b> 10 \\\\"
     assert row.startswith(f"| [{shown}](tables/tiny.md) |" if rendered else f"| {shown} (not rendered yet"), row
