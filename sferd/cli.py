@@ -220,7 +220,9 @@ def _homes(specs, *, strict: bool = True) -> list[tuple[str, object]]:
 
 def _clash_issue(stage, path: Path, spec, first, first_path: Path, first_spec):
     """Two specs define stage `stage.name` differently: one issue at the later definition that also gives the first's
-    file:line:col (the fix may belong in either file) and the first parameter in which they differ."""
+    file:line:col (the fix may belong in either file) and the first parameter in which they differ. The hint does not
+    say "rename": a teacher's, data or feature stage's name comes from the dataset, so two specs on one dataset share
+    it by design and must agree on its settings."""
     from sferd.spec import spec_issue
 
     there_field = _stage_field(first_spec, first)
@@ -230,8 +232,8 @@ def _clash_issue(stage, path: Path, spec, first, first_path: Path, first_spec):
             else "its inputs or outputs differ")
     return spec_issue(path, _stage_field(spec, stage),
                       f"stage {stage.name} is also defined by {there.path}:{there.line}:{there.col} "
-                      f"({'.'.join(map(str, there_field))}) with different parameters: {what} (stage names must be "
-                      "unique across specs)",
+                      f"({'.'.join(map(str, there_field))}) with different parameters: {what} (specs that define "
+                      "the same stage must give it the same settings)",
                       display_path=path.as_posix())
 
 

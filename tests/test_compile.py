@@ -231,8 +231,8 @@ def test_same_stage_name_with_other_params_in_another_pipeline_is_an_error(tmp_p
     here, there = _name_position(abl.read_text(), "pd"), _name_position((tmp_path / "specs/quickstart.yaml").read_text(), "pd")
     assert error == (f"specs/quickstart-ablation.yaml:{here[0]}:{here[1]}: error: methods.0.name: stage digits-pd-s0008 "
                      f"is also defined by specs/quickstart.yaml:{there[0]}:{there[1]} (methods.0.name) with different "
-                     "parameters: params.training.lr is 0.0004 there, 0.0002 here (stage names must be unique across "
-                     "specs)")
+                     "parameters: params.training.lr is 0.0004 there, 0.0002 here (specs that define the same stage "
+                     "must give it the same settings)")
     assert not (tmp_path / "dvc.yaml").exists()
 
 

@@ -290,6 +290,17 @@ def test_line_breaks_in_spec_text_never_end_a_row_or_the_heading(tmp_path):
     assert "\n| 0.01" not in text and "\n# forged" not in text
 
 
+def test_the_renderer_blanks_the_characters_the_spec_models_refuse():
+    """One set of control characters: what TableText refuses is what the renderer turns into spaces (the renderer
+    keeps a copy so the spec package stays out of its code fingerprint)."""
+    from sferd.report.markdown import _CONTROL, one_line
+    from sferd.spec.limits import CONTROL
+
+    assert _CONTROL.pattern == CONTROL.pattern
+    every = "".join(map(chr, range(0x30000)))
+    assert one_line(every) == CONTROL.sub(" ", every)
+
+
 def test_sample_grid_links_keep_their_text_inside_the_link(tmp_path):
     """All grid links share one paragraph: a `]` would end a link early, a backtick open a code span that runs into
     the next link (a label appears once per step count), a `<` an HTML declaration swallowing links."""

@@ -88,6 +88,8 @@ def test_class_names_are_known():
     ("dataset", "digits-8x8", "a string"),
     ("features", "3", "a number"),
     ("evaluation", "true", "a boolean"),
+    ("evaluation", "&flag true", "a boolean"),  # ruamel keeps an anchored boolean as a ScalarBoolean, an int
+    ("features", "&n 3", "a number"),
     ("table", "[tiny]", "a list"),
 ])
 def test_a_block_written_as_something_else_says_so_in_yaml_words(tmp_path, block, value, written):
@@ -139,7 +141,7 @@ def test_unknown_teacher_kind_points_at_the_value_and_lists_the_kinds(tmp_path):
     [issue] = _issues(tmp_path, text)
     assert (issue.line, issue.col) == _at(text, "pretrained", "  kind: ")
     assert issue.loc == "teacher.kind"
-    assert issue.message == "Input should be 'train' or 'external' [unknown_choice]"
+    assert issue.message == "Input should be 'train' or 'external' (got 'pretrained') [unknown_choice]"
 
 
 @pytest.mark.parametrize("value", ["vgg16", "3", "[resnet18]", "Pretrained"])
@@ -148,8 +150,28 @@ def test_unknown_classifier_architecture_lists_every_architecture_including_pret
     [issue] = _issues(tmp_path, text)
     assert (issue.line, issue.col) == _at(text, value, "architecture: ")
     assert issue.loc == "methods.2.classifier.architecture"
+    written = {"vgg16": "'vgg16'", "3": "3", "[resnet18]": "['resnet18']", "Pretrained": "'Pretrained'"}[value]
     assert issue.message == ("Input should be 'digits-cnn', 'resnet18', 'densenet201' or 'pretrained' "
-                             "[unknown_choice]")
+                             f"(got {written}) [unknown_choice]")
+
+
+@pytest.mark.parametrize("old, new, needle, loc, message", [
+    ("  - kind: cld\n", "  - kind: cldx\n", "cldx", "methods.0.kind",
+     "Input should be 'pd', 'sferd', 'solver', 'cld' or 'cfd' (got 'cldx') [union_tag_invalid]"),
+    ("sampler: {kind: euler}", "sampler: {kind: heun}", "heun", "methods.4.sampler.kind",
+     "Input should be 'gddim' or 'euler' (got 'heun') [union_tag_invalid]"),
+    ("sampler: {kind: euler}", "sampler: {kind: [euler]}", "[euler]", "methods.4.sampler.kind",
+     "Input should be 'gddim' or 'euler' (got ['euler']) [union_tag_invalid]"),
+])
+def test_unknown_method_or_sampler_kind_reads_like_the_other_choices(tmp_path, old, new, needle, loc, message):
+    """Pydantic's own tag error ("Input tag 'cldx' found using 'kind' does not match any of the expected tags") is
+    said like the teacher's and the classifier's: the values a spec may write, and what it wrote."""
+    cld = (ROOT / "tests/specs/tiny-cld.yaml").read_text(encoding="utf-8")
+    (tmp_path / "tiny.yaml").write_text(TINY, encoding="utf-8")
+    text = cld.replace(old, new, 1)
+    [issue] = _issues(tmp_path, text)
+    assert (issue.line, issue.col) == _at(text, needle, "kind: ")  # at the value
+    assert issue.loc == loc and issue.message == message
 
 
 def test_missing_classifier_architecture_is_a_missing_field(tmp_path):

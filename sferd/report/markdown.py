@@ -25,8 +25,8 @@ _TRAILING = re.compile(r"(\\+)\Z")
 
 
 def _escaper(chars: str):
-    """A function escaping each of `chars` in a text: `<` becomes `&lt;` (a backslash does not stop raw HTML in
-    every renderer; the entity shows as `<` everywhere), any other character gets a backslash.
+    """A function escaping each of `chars` in a text: `<` becomes the entity `&lt;` (never the start of a tag, shown
+    as `<`), any other character gets a backslash.
 
     A run of backslashes right before an escaped character is doubled: the user's backslashes then show as written
     instead of escaping the added backslash (a `\\`` would leave the backtick bare) or the entity's `&`."""

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
-from sferd.spec.limits import echo
+from sferd.spec.limits import CONTROL, echo, one_of
 
 # Names become parts of DVC stage names, file names and commands, so they are matched whole (`fullmatch`: a `$`
 # would also accept a trailing newline) and bounded, so that a stage name built from several stays a valid file name.
@@ -69,10 +69,8 @@ UNKNOWN_CHOICE = "unknown_choice"
 def _choice_error(field: str, choices: list[str]) -> dict:
     """Discriminator(...) arguments for UNKNOWN_CHOICE: `field` must be one of `choices` (worded like Pydantic's
     literal errors)."""
-    quoted = [f"'{c}'" for c in choices]
-    listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
     # the message is a format template: braces in it would be read as placeholders
-    return {"custom_error_type": UNKNOWN_CHOICE, "custom_error_message": f"Input should be {listed}",
+    return {"custom_error_type": UNKNOWN_CHOICE, "custom_error_message": f"Input should be {one_of(choices)}",
             "custom_error_context": {"discriminator": f"'{field}'"}}
 
 
@@ -105,13 +103,15 @@ def _check_stem(v: str) -> str:
 
 # Free text a spec puts into the rendered Markdown (row labels, the table's title, a reported row's system, source
 # and reason) is one line: a line break would end the Markdown table row, or the `# title` heading, mid-text. The
-# loader refuses other control characters everywhere; a tab is refused here too (it is no table text either). `|`
-# and other Markdown are allowed: the renderer escapes `|` in table cells (sferd.report.markdown).
-_NOT_ONE_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# loader refuses other control characters everywhere; a tab is refused here too (it is no table text either), so
+# every character of limits.CONTROL is, the same set the renderer turns into spaces. A line break, for the message,
+# is what ends a Markdown line (CommonMark: LF, CR) plus the Unicode ones (NEL, LS, PS) an editor may show as one;
+# VT and FF are named as control characters. Markdown is allowed: the renderer escapes only what would break the
+# table, a link or the page (sferd.report.markdown).
 
 
 def _one_line(v: str) -> str:
-    m = _NOT_ONE_LINE.search(v)
+    m = CONTROL.search(v)
     if m is not None:
         what = "a tab" if m.group() == "\t" else "a line break" if m.group() in "\n\r\x85\u2028\u2029" else \
             f"the control character {m.group()!r}"
