@@ -205,21 +205,58 @@ def _homes(specs, *, strict: bool = True) -> list[tuple[str, object]]:
     # teacher and chain they share), then by pipeline name
     everything.sort(key=lambda ps: (ps[1].pipeline not in ("", "."), ps[1].extends is not None, ps[1].pipeline,
                                     ps[0].as_posix()))
-    home: dict[str, tuple[str, object, str]] = {}  # stage name → (pipeline, stage, defining spec)
+    home: dict[str, tuple[str, object, Path, object]] = {}  # stage name → (pipeline, stage, defining spec file, spec)
     out: list[tuple[str, object]] = []
     for path, spec in everything:
         for st in _graph(spec, path):
             if st.name in home:
                 if strict and home[st.name][1] != st:
-                    from sferd.spec import spec_issue
-
-                    _fail([spec_issue(path, _stage_field(spec, st), f"stage {st.name} is also defined by "
-                                      f"{home[st.name][2]} with different parameters (stage names must be unique "
-                                      "across specs)", display_path=path.as_posix())])
+                    _fail([_clash_issue(st, path, spec, *home[st.name][1:])])
                 continue
-            home[st.name] = (spec.pipeline, st, path.as_posix())
+            home[st.name] = (spec.pipeline, st, path, spec)
             out.append((spec.pipeline, st))
     return out
+
+
+def _clash_issue(stage, path: Path, spec, first, first_path: Path, first_spec):
+    """Two specs define stage `stage.name` differently: one issue at the later definition that also gives the first's
+    file:line:col (the fix may belong in either file) and the first parameter in which they differ. The hint does not
+    say "rename": a teacher's, data or feature stage's name comes from the dataset, so two specs on one dataset share
+    it by design and must agree on its settings."""
+    from sferd.spec import spec_issue
+
+    there_field = _stage_field(first_spec, first)
+    there = spec_issue(first_path, there_field, "", display_path=first_path.as_posix())
+    differs = _first_difference(first.params, stage.params)
+    what = (f"{differs[0]} is {differs[1]} there, {differs[2]} here" if differs
+            else "its inputs or outputs differ")
+    return spec_issue(path, _stage_field(spec, stage),
+                      f"stage {stage.name} is also defined by {there.path}:{there.line}:{there.col} "
+                      f"({'.'.join(map(str, there_field))}) with different parameters: {what} (specs that define "
+                      "the same stage must give it the same settings)",
+                      display_path=path.as_posix())
+
+
+def _first_difference(a, b, where: str = "params") -> tuple[str, str, str] | None:
+    """(dotted key, value in `a`, value in `b`) of the first place two stage-params trees differ, values shortened;
+    None when they are equal."""
+    from sferd.spec.limits import echo
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in [*a, *(k for k in b if k not in a)]:
+            if k not in a or k not in b:
+                return f"{where}.{k}", echo(a[k]) if k in a else "not set", echo(b[k]) if k in b else "not set"
+            found = _first_difference(a[k], b[k], f"{where}.{k}")
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = _first_difference(x, y, f"{where}.{i}")
+            if found:
+                return found
+        return None
+    return None if a == b else (where, echo(a), echo(b))
 
 
 # stage kinds whose names start with a method's name (a clash is located at that method)
@@ -657,6 +694,7 @@ INDEX_PATH = Path("results/README.md")
 
 def index_text(specs) -> str:
     """results/README.md: every table of every spec with its status (measured / reported / missing cells)."""
+    from sferd.report.markdown import link_text, table_cell
     from sferd.report.table import table_context
 
     lines = [
@@ -676,8 +714,9 @@ def index_text(specs) -> str:
         reported = sum(v is not None for r in p["reported"] for v in r["values"].values())
         run = "`dvc repro`" if spec.pipeline in ("", ".") else f"`dvc repro {spec.pipeline}/dvc.yaml`"
         md = Path(p["outputs"]["markdown"])
-        link = (f"[{p['table']['title']}](tables/{md.name})" if md.is_file()
-                else f"{p['table']['title']} (not rendered yet: `sferd-spec render {path.as_posix()}` shows it)")
+        title = p["table"]["title"]  # spec text: escaped, so a `|` or `]` in it cannot split the row or the link
+        link = (table_cell(f"[{link_text(title)}](tables/{md.name})") if md.is_file()
+                else f"{table_cell(title)} (not rendered yet: `sferd-spec render {path.as_posix()}` shows it)")
         lines.append(f"| {link} | `{path.as_posix()}` | `{spec.pipeline}` | {ctx['n_cells'] - ctx['n_missing']} | "
                      f"{ctx['n_missing']} | {reported} | {run} |")
     return "\n".join(lines) + "\n"

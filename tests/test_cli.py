@@ -158,3 +158,32 @@ def test_results_index_is_current_and_detects_staleness(tmp_path, monkeypatch):
     assert "| `specs/quickstart.yaml` | `.` | 0 | 23 | 0 | `dvc repro` |" in text
     assert "| `specs/table1.yaml` | `stages/table1` | 0 | 11 | 9 | `dvc repro stages/table1/dvc.yaml` |" in text
     assert "not rendered yet" in text
+
+
+@pytest.mark.parametrize("rendered", [False, True])
+def test_results_index_keeps_a_title_with_pipes_and_brackets_in_its_cell(tmp_path, monkeypatch, rendered):
+    """A spec's title is free text: a `|` in it must not add a column to results/README.md, a `]` or a backtick
+    must not end the link to the table early, a `<` must not open HTML."""
+    from sferd.cli import index_text
+    from sferd.spec import load_spec
+
+    title = "Tiny | CIFAR ] `<b> 10 \\"
+    text = (ROOT / "tests/specs/tiny.yaml").read_text().replace("  title: Tiny\n", f"  title: '{title}'\n")
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs/tiny.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    if rendered:
+        (tmp_path / "results/tables").mkdir(parents=True)
+        (tmp_path / "results/tables/tiny.md").write_text("# table\n")
+    path = Path("specs/tiny.yaml")
+    lines = index_text([(path, load_spec(path))]).splitlines()
+    header = next(ln for ln in lines if ln.startswith("| table |"))
+    [row] = [ln for ln in lines if ln.startswith("| ") and "specs/tiny.yaml" in ln]
+    unescaped = re.compile(r"(?<!\\)\|")  # cmark-gfm: only a pipe not right after a backslash splits the row
+    assert len(unescaped.findall(row)) == len(unescaped.findall(header)) == 8, row
+    # `\|` keeps the row's columns and `\]` the link's text; the title's last backslash doubled, so it shows and
+    # escapes nothing that follows it
+    # a `<` could open an HTML element that hides the rest of the page, a backtick (in a link) a code span reaching
+    # past the link
+    shown = "Tiny \\| CIFAR \\] \\`&lt;b> 10 \\\\" if rendered else "Tiny \\| CIFAR ] `&lt;b> 10 \\\\"
+    assert row.startswith(f"| [{shown}](tables/tiny.md) |" if rendered else f"| {shown} (not rendered yet"), row

@@ -224,8 +224,22 @@ def test_same_stage_name_with_other_params_in_another_pipeline_is_an_error(tmp_p
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(app, ["compile"])
     assert r.exit_code == 1
-    assert "stage digits-pd-s0008 is also defined by specs/quickstart.yaml with different parameters" in r.stderr
+    # one error, at the ablation's PD method, naming where the quickstart defines the same stage (its own PD method)
+    # and the first parameter that differs, so either file can be fixed without a search
+    [error, count] = r.stderr.splitlines()
+    assert count == "1 error"
+    here, there = _name_position(abl.read_text(), "pd"), _name_position((tmp_path / "specs/quickstart.yaml").read_text(), "pd")
+    assert error == (f"specs/quickstart-ablation.yaml:{here[0]}:{here[1]}: error: methods.0.name: stage digits-pd-s0008 "
+                     f"is also defined by specs/quickstart.yaml:{there[0]}:{there[1]} (methods.0.name) with different "
+                     "parameters: params.training.lr is 0.0004 there, 0.0002 here (specs that define the same stage "
+                     "must give it the same settings)")
     assert not (tmp_path / "dvc.yaml").exists()
+
+
+def _name_position(text: str, name: str) -> tuple[int, int]:
+    """1-based line and column of the value of the first `name: <name>` line of a method."""
+    i = text.index(f"\n    name: {name}\n") + len("\n    name: ")
+    return text.count("\n", 0, i) + 1, i - (text.rfind("\n", 0, i) + 1) + 1
 
 
 def test_docstring_only_package_inits_are_not_deps(tmp_path):
@@ -313,3 +327,15 @@ def test_plain_stages_do_not_depend_on_the_peer_methods_code():
         assert not set(peers) & set(code[kind]), (kind, sorted(set(peers) & set(code[kind])))
     assert "sferd/methods/cfd.py" in code["distill_cfd"] and "sferd/diffusion/dode.py" in code["fid_solver"]
     assert "sferd/diffusion/cld.py" in code["fid_cld"]
+
+
+def test_first_difference_of_two_stage_params_names_the_path_and_both_values():
+    from sferd.cli import _first_difference
+
+    a = {"training": {"lr": 4e-4, "steps": [8, 4]}, "seed": 0}
+    assert _first_difference(a, a) is None
+    assert _first_difference(a, {**a, "training": {"lr": 2e-4, "steps": [8, 4]}}) == ("params.training.lr", "0.0004", "0.0002")
+    assert _first_difference(a, {**a, "training": {"lr": 4e-4, "steps": [8, 2]}}) == ("params.training.steps.1", "4", "2")
+    assert _first_difference(a, {**a, "training": {"lr": 4e-4, "steps": [8]}}) == ("params.training.steps", "[8, 4]", "[8]")
+    assert _first_difference(a, {**a, "extra": "x"}) == ("params.extra", "not set", "'x'")
+    assert _first_difference({**a, "extra": "x"}, a) == ("params.extra", "'x'", "not set")

@@ -504,3 +504,49 @@ def test_attention_heads_that_do_not_split_the_channels_are_refused(repo, line, 
     traceback when it built the U-Net."""
     text = EVIL.replace("    norm_groups: 4\n", "    norm_groups: 4\n" + line, 1)
     _refused(repo, text, _at(text, line.split(":")[1].strip(), line.split(":")[0] + ": "), fragment)
+
+
+# ---------------------------------------------------------------- text that would break the rendered Markdown table
+
+REPORTED = '''reported:
+  - system: "PD, paper"
+    source: "Salimans & Ho, Table 2"
+    method: pd
+    values: {1: 9.12, 2: null}
+    reason: "not transcribed"
+'''
+BROKEN_ROW = "one\\n| 9.99 | forged |"  # a YAML escape: the value holds a line break, then a forged table row
+
+
+@pytest.mark.parametrize("old, key", [
+    ("    label: SFERD-PD\n", "label"),                    # a method's row label
+    ("  title: Tiny\n", "title"),                          # the table's heading
+    ('  - system: "PD, paper"\n', "system"),               # a reported row's label
+    ('    source: "Salimans & Ho, Table 2"\n', "source"),
+    ('    reason: "not transcribed"\n', "reason"),
+])
+def test_table_text_with_a_line_break_is_refused_where_it_is(repo, old, key):
+    text = (EVIL + REPORTED)
+    assert text.count(old) == 1, old
+    indent = old[: len(old) - len(old.lstrip(" -"))]
+    text = text.replace(old, f'{indent}{key}: "{BROKEN_ROW}"\n')
+    _refused(repo, text, _at(text, f'"{BROKEN_ROW}"', f"{key}: "), "holds a line break: text shown in a rendered table is one line")
+
+
+def test_a_tab_in_a_row_label_is_refused(repo):
+    text = EVIL.replace("    label: SFERD-PD\n", '    label: "SFERD\\tPD"\n')
+    _refused(repo, text, _at(text, '"SFERD\\tPD"', "label: "), "holds a tab")
+
+
+def test_a_pipe_in_table_text_is_accepted_and_escaped_in_the_table(repo):
+    """`|` is ordinary text a researcher may want (`A | B`): valid, and the rendered row keeps its columns."""
+    text = (EVIL.replace("    label: SFERD-PD\n", '    label: "SFERD | PD"\n')
+            .replace("  title: Tiny\n", '  title: "Tiny | table"\n') + REPORTED.replace("Table 2", "Table 2 | v3"))
+    (repo / "specs/evil.yaml").write_text(text)
+    r = runner.invoke(app, ["validate", "specs/evil.yaml"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["render", "specs/evil.yaml"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("# Tiny | table\n")
+    assert "| SFERD \\| PD | missing | missing |" in r.stdout
+    assert "| PD, paper | 9.12 | n/t | Salimans & Ho, Table 2 \\| v3 (not transcribed) |" in r.stdout

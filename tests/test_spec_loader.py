@@ -216,8 +216,7 @@ def test_unknown_discriminator_points_at_the_tag_value(tmp_path):
     text = _replace("  - kind: sferd\n", "  - kind: dpm\n")
     assert _issues(tmp_path, text) == [
         (12, 11, "methods.1.kind",
-         "Input tag 'dpm' found using 'kind' does not match any of the expected tags: 'pd', 'sferd' "
-         "[union_tag_invalid]")
+         "Input should be 'pd' or 'sferd' (got 'dpm') [union_tag_invalid]")
     ]
 
 
@@ -337,9 +336,15 @@ def test_top_level_list_is_rejected_at_its_start(tmp_path):
     ]
 
 
-def test_top_level_scalar_is_rejected(tmp_path):
-    [(line, col, _, msg)] = _read_issues(_write(tmp_path, "just text\n"))
-    assert (line, col) == (1, 1) and msg.endswith("[not_a_mapping]")
+@pytest.mark.parametrize("text, written", [
+    ("just text\n", "a string"), ("1.5\n", "a number"), ("7\n", "a number"), ("true\n", "a boolean"),
+    ("&x true\n", "a boolean"), ("2024-01-01\n", "a date"),
+])
+def test_top_level_scalar_is_rejected_in_yaml_words(tmp_path, text, written):
+    """Not ruamel's class names (`a single ScalarFloat value`)."""
+    assert _read_issues(_write(tmp_path, text)) == [
+        (1, 1, "", f"the top level must be a mapping, not {written} [not_a_mapping]")
+    ]
 
 
 def test_missing_file(tmp_path):

@@ -36,18 +36,24 @@ def _pyplot():
     return plt
 
 
+def plain_text(text: str) -> str:
+    """Spec text (a title, a row label) for matplotlib, shown as written: a `$` would start mathtext, and `$\\frac{$`
+    in a label stopped the render stage with a parse error. An escaped `\\$` is a literal dollar sign."""
+    return str(text).replace("$", "\\$")
+
+
 def write_fid_plot(series: pd.DataFrame, png: str | Path, csv: str | Path, title: str) -> None:
     plt = _pyplot()
     atomic_write_text(csv, series.to_csv(index=False))
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for model, g in series.groupby("model", sort=False):
         g = g.sort_values("steps")
-        ax.plot(g["steps"], g["fid"], marker="o", label=model)
+        ax.plot(g["steps"], g["fid"], marker="o", label=plain_text(model))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")  # 1-step teachers sit an order of magnitude above the students
     ax.set_xlabel("sampling steps")
     ax.set_ylabel("FID (lower is better)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(plain_text(title), fontsize=9)
     ax.grid(True, alpha=0.3)
     if len(series):
         ax.legend(fontsize=7)

@@ -21,6 +21,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 import sferd
 from sferd.metrics import keys
+from sferd.report import markdown
 
 MISSING = "missing"
 FID = keys.FID
@@ -317,7 +318,7 @@ def _comparison(model_rows: pd.DataFrame, reported: list[dict]) -> list[dict]:
     return out
 
 
-def _sferd_costs(model_rows: pd.DataFrame) -> list[str]:
+def _sferd_costs(model_rows: pd.DataFrame) -> list[dict]:
     """D14: rows whose sampler runs the predictor branch and a latent prior say what that costs."""
     out = []
     for row_id in dict.fromkeys(model_rows["row"]):
@@ -329,8 +330,10 @@ def _sferd_costs(model_rows: pd.DataFrame) -> list[str]:
                 parts.append(f"{int(rec['steps'])} → {m['nfe_with_predictor']}")
         if parts:
             prior = sub.iloc[0]["metrics_data"].get("latent_prior_steps")
-            out.append(f"{sub.iloc[0]['label']}: evaluations including the predictor branch by steps "
-                       f"{', '.join(parts)}; plus {prior} latent-prior MLP steps per sample")
+            # the label is spec text, escaped by the template; the rest is ours
+            out.append({"label": sub.iloc[0]["label"],
+                        "text": f"evaluations including the predictor branch by steps {', '.join(parts)}; "
+                                f"plus {prior} latent-prior MLP steps per sample"})
     return out
 
 
@@ -343,4 +346,7 @@ def render_markdown(context: dict) -> str:
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    # spec text (labels, titles, sources) goes through these, so none of it can split a table row or a link, or
+    # open a code span or HTML element beyond its own place
+    env.filters.update(prose=markdown.prose, cell=markdown.table_cell, link_text=markdown.link_text)
     return env.get_template("table.md.j2").render(**context)

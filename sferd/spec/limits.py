@@ -9,6 +9,7 @@ expansion cap before validation (which would otherwise walk every expansion: "bi
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 # A spec file larger than this is refused before it is parsed (ruamel composes a few thousand values a second on a small CPU).
@@ -24,6 +25,12 @@ MAX_INT = 2**63 - 1
 # Characters of a user's value echoed in an error message, and of a whole message.
 MAX_ECHO = 60
 MAX_MESSAGE = 400
+# Control characters: C0 (line feed and tab included), DEL, C1 (NEL included) and the Unicode line and paragraph
+# separators. The loader refuses them in strings but for line breaks and tabs, and escapes them in messages; table
+# text refuses all of them (sferd.spec.models.TableText). The renderer replaces the same set with spaces
+# (sferd.report.markdown keeps its own copy, checked equal by a test, so the spec package stays out of the render
+# stage's code fingerprint).
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def shorten(text: str, limit: int = MAX_ECHO) -> str:
@@ -42,3 +49,9 @@ def echo(value: Any) -> str:
     if isinstance(value, str) and len(value) > 4 * MAX_ECHO:
         value = value[: 4 * MAX_ECHO]  # repr of a 10 MB string would copy it twice first
     return shorten(repr(value))
+
+
+def one_of(choices: list[str]) -> str:
+    """`choices` listed the way Pydantic's literal errors list them: `'a'`, `'a' or 'b'`, `'a', 'b' or 'c'`."""
+    quoted = [f"'{c}'" for c in choices]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"

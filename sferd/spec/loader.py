@@ -20,6 +20,7 @@ ScalarFloat and friends inside the validated model, leaking YAML styling into wh
 
 from __future__ import annotations
 
+import datetime
 import errno
 import math
 import os
@@ -71,11 +72,8 @@ class SpecIssue:
                 f"{where}{_one_line(self.message, limits.MAX_MESSAGE)}")
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
 def _one_line(text: str, limit: int) -> str:
-    return limits.shorten(_CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text)), limit)
+    return limits.shorten(limits.CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text)), limit)
 
 
 class SpecError(Exception):
@@ -352,8 +350,8 @@ def _parse(data: bytes, shown: str) -> Any:
     if not isinstance(doc, CommentedMap):
         lc = getattr(doc, "lc", None)
         line, col = (lc.line + 1, lc.col + 1) if lc is not None and lc.line is not None else (1, 1)
-        kind = "a list" if isinstance(doc, CommentedSeq) else f"a single {type(doc).__name__} value"
-        raise SpecError([SpecIssue(shown, line, col, "", f"the top level must be a mapping, not {kind} [not_a_mapping]")])
+        raise SpecError([SpecIssue(shown, line, col, "",
+                                   f"the top level must be a mapping, not {_written_as(doc)} [not_a_mapping]")])
     issues = check_values(doc, shown)
     if issues:
         raise SpecError(issues)
@@ -397,7 +395,7 @@ def check_values(doc: CommentedMap, shown: str) -> list[SpecIssue]:
         elif isinstance(value, str):
             if len(value) > limits.MAX_STRING:
                 add(container, key, f"a string of {len(value)} characters; at most {limits.MAX_STRING} [string_too_long]")
-            elif _CONTROL.search(value.replace("\n", "").replace("\t", "")):
+            elif limits.CONTROL.search(value.replace("\n", "").replace("\t", "")):
                 add(container, key, f"{limits.echo(value)} holds a control character [control_character]")
         else:
             add(container, key, f"a YAML {type(value).__name__} value has no meaning in a spec: use a string, number, "
@@ -616,22 +614,68 @@ def _discriminator_field(err: Mapping[str, Any]) -> str | None:
     return None
 
 
+# Pydantic errors that say "not a mapping" in Python's words ("a valid dictionary or instance of TeacherSpec": the
+# model's class name, which a spec never shows). Said in YAML's words, with what was written instead.
+_NOT_A_MAPPING = ("model_type", "model_attributes_type", "dict_type")
+
+
+def _written_as(node: Any) -> str | None:
+    """What kind of YAML value `node` is, in a spec writer's words (None for a mapping)."""
+    if isinstance(node, Mapping):
+        return None
+    if isinstance(node, (list, CommentedSeq)):
+        return "a list"
+    if node is None:
+        return "null"
+    # before numbers: ruamel keeps an anchored boolean (`&x true`) as a ScalarBoolean, a subclass of int
+    if isinstance(node, (bool, ScalarBoolean)):
+        return "a boolean"
+    if isinstance(node, (int, float)):
+        return "a number"
+    if isinstance(node, str):
+        return "a string"
+    if isinstance(node, (datetime.date, datetime.datetime)):  # ruamel reads 2024-01-01 as a timestamp
+        return "a date"
+    return f"a {type(node).__name__}"
+
+
+def _choice_message(err: Mapping[str, Any], written: Any) -> str:
+    """An unknown discriminator value, said one way whichever union reports it: "Input should be 'pd', 'sferd' or …
+    (got 'pdx')". Pydantic's union_tag_invalid says "Input tag 'pdx' found using 'kind' does not match any of the
+    expected tags: …"; the models' UNKNOWN_CHOICE errors already list the values like Pydantic's literal errors."""
+    kind = err["type"]
+    if kind == "union_tag_invalid":
+        tags = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected_tags", "")))
+        head = f"Input should be {limits.one_of(tags)}" if tags else str(err["msg"])
+    else:
+        head = str(err["msg"])
+    return f"{head} (got {limits.echo(to_plain(written))}) [{kind}]"
+
+
 def _issue_from_error(doc: Any, shown: str, err: Mapping[str, Any]) -> SpecIssue:
     loc: Loc = tuple(err["loc"])
     kind: str = err["type"]
     message = f"{err['msg']} [{kind}]"
 
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        # Pydantic reports these at the list item; the user has to fix the discriminator field itself,
-        # so name it: a bad value points at the value, an absent one is reported like a missing field.
-        field = _discriminator_field(err)
+    field = _discriminator_field(err)
+    if field is not None:
+        # A discriminated union's tag (Pydantic's union_tag_* errors, and the models' own UNKNOWN_CHOICE errors of
+        # unions whose tag a function picks). Pydantic reports these at the list item; the user has to fix the
+        # discriminator field itself, so name it: a bad value points at the value, an absent one is reported like a
+        # missing field.
         steps, _, _ = walk(doc, loc)
         node = steps[-1][0][steps[-1][1]] if steps else doc
-        if field is not None and isinstance(node, CommentedMap):
-            if kind == "union_tag_invalid" and field in node:
+        if isinstance(node, CommentedMap):
+            if kind != "union_tag_not_found" and field in node:
+                message = _choice_message(err, node[field])
                 loc, kind = loc + (field,), "value_error"
             elif kind == "union_tag_not_found" and field not in node:
                 loc, kind = loc + (field,), "missing"
+    elif kind in _NOT_A_MAPPING:
+        steps, _, _ = walk(doc, loc)
+        written = _written_as(steps[-1][0][steps[-1][1]]) if steps else None
+        message = (f"Input should be a mapping (a block of `key: value` fields)"
+                   f"{', not ' + written if written else ''} [{kind}]")
 
     line, col, matched = _resolve(doc, loc, kind)
     last = len(loc) - 1

@@ -9,11 +9,11 @@ source. Nothing here imports torch: `sferd-spec validate` must stay fast.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
-from sferd.spec.limits import echo
+from sferd.spec.limits import CONTROL, echo, one_of
 
 # Names become parts of DVC stage names, file names and commands, so they are matched whole (`fullmatch`: a `$`
 # would also accept a trailing newline) and bounded, so that a stage name built from several stays a valid file name.
@@ -59,6 +59,21 @@ SEED_LIMIT = 2**59
 MAX_LIST = 32  # step counts, seeds, methods: a spec that lists more is a mistake (and a pipeline of thousands)
 
 
+# Error type of a discriminated union whose tag is chosen by a function (the teacher's `kind`, the classifier's
+# `architecture`) when the value is none of the choices. Pydantic's own error would name the function
+# (`_teacher_kind()`) and list the union's internal tags, not what a spec may write; this one names the field (the
+# loader points at its value) and every value it accepts.
+UNKNOWN_CHOICE = "unknown_choice"
+
+
+def _choice_error(field: str, choices: list[str]) -> dict:
+    """Discriminator(...) arguments for UNKNOWN_CHOICE: `field` must be one of `choices` (worded like Pydantic's
+    literal errors)."""
+    # the message is a format template: braces in it would be read as placeholders
+    return {"custom_error_type": UNKNOWN_CHOICE, "custom_error_message": f"Input should be {one_of(choices)}",
+            "custom_error_context": {"discriminator": f"'{field}'"}}
+
+
 class Model(BaseModel):
     # strict: no silent coercion (`true` is not the seed 1, "2000" is not an int, 'yes' is not a bool);
     # allow_inf_nan=False: every float is finite.
@@ -84,6 +99,29 @@ def _check_stem(v: str) -> str:
         raise ValueError(f"segment {reserved[0]!r} looks like a step or seed tag (s0004, seed0001), which the compiler "
                          "appends to stage names: choose another name")
     return v
+
+
+# Free text a spec puts into the rendered Markdown (row labels, the table's title, a reported row's system, source
+# and reason) is one line: a line break would end the Markdown table row, or the `# title` heading, mid-text. The
+# loader refuses other control characters everywhere; a tab is refused here too (it is no table text either), so
+# every character of limits.CONTROL is, the same set the renderer turns into spaces. A line break, for the message,
+# is what ends a Markdown line (CommonMark: LF, CR) plus the Unicode ones (NEL, LS, PS) an editor may show as one;
+# VT and FF are named as control characters. Markdown is allowed: the renderer escapes only what would break the
+# table, a link or the page (sferd.report.markdown).
+
+
+def _one_line(v: str) -> str:
+    m = CONTROL.search(v)
+    if m is not None:
+        what = "a tab" if m.group() == "\t" else "a line break" if m.group() in "\n\r\x85\u2028\u2029" else \
+            f"the control character {m.group()!r}"
+        raise ValueError(f"{echo(v)} holds {what}: text shown in a rendered table is one line (a line break would "
+                         "end the Markdown table row or heading); write it on one line (a folded `>-` block joins "
+                         "lines with spaces)")
+    return v
+
+
+TableText = Annotated[str, AfterValidator(_one_line)]
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -256,16 +294,18 @@ class TeacherSpec(_TeacherFields):
     )
 
 
-def _teacher_kind(v: Any) -> str:
-    """`kind` may be left out for a trained teacher (the common case)."""
+def _teacher_kind(v: Any) -> str | None:
+    """`kind` may be left out for a trained teacher (the common case). Anything but a mapping goes to the trained
+    teacher, whose error then says a mapping was expected; an unknown `kind` gives None (UNKNOWN_CHOICE's error)."""
     if isinstance(v, dict):
-        return v.get("kind", "train")
+        kind = v.get("kind", "train")
+        return kind if kind in ("train", "external") else None
     return getattr(v, "kind", "train")
 
 
 Teacher = Annotated[
     Union[Annotated[TeacherSpec, Tag("train")], Annotated[ExternalTeacherSpec, Tag("external")]],
-    Discriminator(_teacher_kind),
+    Discriminator(_teacher_kind, **_choice_error("kind", ["train", "external"])),
 ]
 
 
@@ -343,7 +383,7 @@ class ChainFields(Model):
     """Fields shared by every progressive-distillation chain (PD and SFERD-PD)."""
 
     name: str = Field("pd", description="Row id in tables and stage names ([a-z0-9-]).")
-    label: str = Field("PD", min_length=1, max_length=80, description="Row label in rendered tables.")
+    label: TableText = Field("PD", min_length=1, max_length=80, description="Row label in rendered tables (one line).")
     start_steps: int = Field(
         le=MAX_STEPS,
         description="Teacher DDIM steps at the chain start; a power of two (D12: 8192 CIFAR-10, 1024 ImageNet 64)."
@@ -511,7 +551,7 @@ class SferdPDMethod(ChainFields):
 
     kind: Literal["sferd"] = Field(description="Method discriminator: `sferd` is SFERD on progressive distillation (SFERD-PD).")
     name: str = Field("sferd", description="Row id in tables and stage names ([a-z0-9-]).")
-    label: str = Field("SFERD-PD", description="Row label in rendered tables.")
+    label: TableText = Field("SFERD-PD", min_length=1, max_length=80, description="Row label in rendered tables (one line).")
     guidance: GuidanceSpec | None = Field(description="Attention-guided teacher in every halving (null: plain PD teacher).")
     predictor: PredictorSpec | None = Field(description="Semantic gradient predictor per evaluated student (null: none).")
     prior: LatentPriorSpec | None = Field(description="Latent prior; required exactly when a predictor is used.")
@@ -537,6 +577,7 @@ class SferdPDMethod(ChainFields):
 
 ClassifierArchitecture = Literal["digits-cnn", "resnet18", "densenet201"]
 PretrainedBase = Literal["resnet18", "densenet201"]
+PretrainedArchitecture = Literal["pretrained"]
 # Architectures whose CIFAR recipe adapts the stem to 32×32 RGB input (sferd/nn/classifiers.py).
 CIFAR_ARCHITECTURES = ("resnet18", "densenet201")
 
@@ -593,7 +634,7 @@ class PretrainedClassifierSpec(Model):
     weights of resnet18 / densenet201, checked by SHA-256. Images are upsampled to `input_resolution` and
     normalised with ImageNet's mean and std (CFD: "upsampled to 224 for ImageNet-pretrained classifiers")."""
 
-    architecture: Literal["pretrained"] = Field(description="`pretrained`: weights from a local file.")
+    architecture: PretrainedArchitecture = Field(description="`pretrained`: weights from a local file.")
     base: PretrainedBase = Field(description="torchvision constructor the file's state_dict belongs to.")
     path: str = Field(min_length=1, max_length=1024, description="The weights file (repo-relative or absolute), e.g. "
                       "torchvision's resnet18-f37072fd.pth; fetched by hand on a connected machine.")
@@ -619,14 +660,22 @@ class PretrainedClassifierSpec(Model):
         return _check_sha256(v)
 
 
-def _classifier_kind(v: Any) -> str:
+def _classifier_kind(v: Any) -> str | None:
+    """`pretrained` or a trained architecture; a missing `architecture` (and anything but a mapping) goes to the
+    trained classifier, whose errors say what is missing; an unknown one gives None (UNKNOWN_CHOICE's error, which
+    lists every architecture: the trained classifier's own literal error would leave out `pretrained`)."""
     arch = v.get("architecture") if isinstance(v, dict) else getattr(v, "architecture", None)
-    return "pretrained" if arch == "pretrained" else "train"
+    if arch == "pretrained":
+        return "pretrained"
+    if arch is None or arch in get_args(ClassifierArchitecture):
+        return "train"
+    return None
 
 
 Classifier = Annotated[
     Union[Annotated[TrainedClassifierSpec, Tag("train")], Annotated[PretrainedClassifierSpec, Tag("pretrained")]],
-    Discriminator(_classifier_kind),
+    Discriminator(_classifier_kind,
+                  **_choice_error("architecture", [*get_args(ClassifierArchitecture), *get_args(PretrainedArchitecture)])),
 ]
 
 
@@ -638,7 +687,7 @@ class CfdMethod(ChainFields):
 
     kind: Literal["cfd"] = Field(description="Method discriminator.")
     name: str = Field("cfd", description="Row id in tables and stage names ([a-z0-9-]).")
-    label: str = Field("CFD", min_length=1, max_length=80, description="Row label in rendered tables.")
+    label: TableText = Field("CFD", min_length=1, max_length=80, description="Row label in rendered tables (one line).")
     cfd_student_steps: list[Annotated[int, Field(ge=1, le=MAX_STEPS)]] = Field(
         min_length=1, max_length=MAX_LIST,
         description="Student step counts of the halvings trained with the CFD loss (RCFD: [4, 2, 1], the halvings "
@@ -785,7 +834,7 @@ class SolverMethod(SampledRow):
 
     kind: Literal["solver"] = Field(description="Method discriminator: `solver` samples the teacher with `sampler`.")
     name: str = Field(description="Row id in tables and stage names ([a-z0-9-]).")
-    label: str = Field(min_length=1, max_length=80, description="Row label in rendered tables.")
+    label: TableText = Field(min_length=1, max_length=80, description="Row label in rendered tables (one line).")
     sampler: SolverSampler = Field(
         description="`ddim`, `euler_pf` (Euler on the probability-flow ODE), `gddim` (exponential multistep, "
         "`order`), `d_ddim` / `d_gddim` (D-ODE: the base solver with fitted λ's, `calibration`).",
@@ -937,7 +986,7 @@ class CLDMethod(SampledRow):
 
     kind: Literal["cld"] = Field(description="Method discriminator: a CLD teacher and its sampler.")
     name: str = Field(description="Row id in tables and stage names ([a-z0-9-]).")
-    label: str = Field(min_length=1, max_length=80, description="Row label in rendered tables.")
+    label: TableText = Field(min_length=1, max_length=80, description="Row label in rendered tables (one line).")
     teacher: CLDTeacherSpec = Field(description="The CLD teacher this row samples (rows with the same teacher name share its stage).")
     sampler: CLDSampler = Field(description="`gddim` with an `order`, or `euler`.")
     steps: list[Annotated[int, Field(ge=1, le=MAX_STEPS)]] | None = Field(
@@ -1066,7 +1115,7 @@ class EvaluationSpec(Model):
 
 class TableSpec(Model):
     id: str = Field(description="Table id; the Markdown lands at results/tables/<id>.md.")
-    title: str = Field(min_length=1, max_length=200, description="Heading of the rendered table.")
+    title: TableText = Field(min_length=1, max_length=200, description="Heading of the rendered table (one line).")
     paired_against: str | None = Field(
         None,
         max_length=NAME_MAX,
@@ -1084,9 +1133,9 @@ class TableSpec(Model):
 class ReportedRow(Model):
     """Numbers printed in a paper, with their source; `null` values carry the reason."""
 
-    system: str = Field(min_length=1, max_length=200, description="Row label, e.g. 'PD (Salimans & Ho)'.")
+    system: TableText = Field(min_length=1, max_length=200, description="Row label, e.g. 'PD (Salimans & Ho)' (one line).")
     method: str | None = Field(None, max_length=NAME_MAX, description="Name of the spec method this row compares with, if any.")
-    source: str = Field(min_length=1, max_length=300, description="Paper, table and version the numbers come from.")
+    source: TableText = Field(min_length=1, max_length=300, description="Paper, table and version the numbers come from (one line).")
     metric: MetricValue = Field(
         "fid",
         description="Metric of the values: `fid`, `isc` (Inception Score), `precision` or `recall`; a metric other "
@@ -1094,7 +1143,7 @@ class ReportedRow(Model):
     )
     values: dict[Annotated[int, Field(ge=1, le=MAX_STEPS)], Annotated[float, Field(ge=-1e6, le=1e6)] | None] = Field(
         max_length=MAX_LIST, description="Steps → reported value; null when not transcribed.")
-    reason: str | None = Field(None, max_length=300, description="Why values are null (required if any is).")
+    reason: TableText | None = Field(None, max_length=300, description="Why values are null (required if any is; one line).")
 
     @model_validator(mode="after")
     def _null_needs_reason(self) -> "ReportedRow":
