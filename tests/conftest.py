@@ -41,6 +41,7 @@ LONGEST_FIRST = (
     "test_solver_stages.py",  # 17 s
     "test_shard.py",  # 16 s
     "test_bench_tiny.py",  # 14 s
+    "test_bench_noop.py",  # 13 s (added since)
     "test_bench_samplers_tiny.py",  # 12 s
     "test_compile.py",  # 11 s
     "test_cld.py",  # 10 s
@@ -67,3 +68,18 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def checkout_dvc_lock(tmp_path_factory):
+    """For tests that run DVC in this checkout itself rather than in a temporary copy: one at a time across xdist
+    workers. `dvc repro`, even with --dry, holds the repository's lock and gives up after waiting 3 s, so two such
+    tests on two workers could fail on each other's lock (one process never runs them at once)."""
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent  # each worker's base folder sits in the run's one
+    with open(shared / "checkout-dvc.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield

@@ -285,6 +285,7 @@ def _dry_run_stages(pipeline: str) -> list[str]:
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="dvc needs git")
+@pytest.mark.usefixtures("checkout_dvc_lock")  # conftest.py: DVC in this checkout, one test at a time
 @pytest.mark.parametrize("pipeline", PAPER_PIPELINES)
 def test_dvc_repro_dry_lists_exactly_the_specs_stages_in_a_valid_order(pipeline):
     spec = load_spec(ROOT / f"specs/{pipeline}.yaml")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from ruamel.yaml import YAML
 from tiny_bench import ROOT, run_tiny_bench
 
 
+@pytest.mark.usefixtures("checkout_dvc_lock")  # conftest.py: DVC in this checkout, one test at a time
 def test_noop_bench_reports_every_pipeline_with_its_stage_count():
     out = run_tiny_bench("noop_repro.py")
     assert re.search(r"^DVC start-up \(`dvc --version`\): \d+\.\d\d s$", out, flags=re.M), out
