@@ -36,6 +36,7 @@ LONGEST_FIRST = (
     "test_kill_resume.py",  # 29 s
     "test_ablations.py",  # 28 s
     "test_cli.py",  # 26 s
+    "test_spec_messages.py",  # 24 s (added since)
     "test_multinode.py",  # 18 s
     "test_guidance.py",  # 17 s
     "test_solver_stages.py",  # 17 s
